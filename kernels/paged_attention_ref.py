@@ -1,0 +1,75 @@
+"""Pure-torch paged attention: the reference for the Triton kernel and the CPU path of the engine.
+
+The batch is flat: the new query tokens of B sequences stand one after another.
+
+    q:             [T, Hq, D]   T = sum of the query lengths
+    cu_seqlens_q:  [B + 1]      sequence b owns q[cu_seqlens_q[b] : cu_seqlens_q[b + 1]]
+    seq_lens:      [B]          KV length of sequence b after this step (cached prefix + new tokens)
+    block_tables:  [B, M]       pool block ids of sequence b; only the first ceil(seq_len/bs) count
+
+The new tokens are the last ones of each sequence, so query j of sequence b (q_len = its count)
+sits at absolute position  p = seq_lens[b] - q_len + j  and attends causally to keys 0..p:
+
+    keys:    0 1 2 3 4 5 6 7        seq_len = 8, q_len = 3 (a prefill chunk on a 5-token prefix)
+    query 0: x x x x x x . .        position 5
+    query 1: x x x x x x x .        position 6
+    query 2: x x x x x x x x        position 7
+
+A decode step is the case q_len = 1; a first prefill is q_len = seq_len. Keys and values of the new
+tokens must already be in the pool (store_kv runs first). Grouped-query heads: query head h reads
+KV head h // (Hq // Hkv). Accumulation is float32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first seq_len tokens of one sequence from a pool [N, bs, Hkv, D] -> [seq_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache.index_select(0, block_table[:num_blocks].long())  # [nb, bs, Hkv, D]
+    return blocks.flatten(0, 1)[:seq_len]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: list[int] | torch.Tensor,
+    seq_lens: list[int] | torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its cached + new keys. Returns [T, Hq, D]."""
+    cu = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else cu_seqlens_q
+    lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
+    num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    for b, seq_len in enumerate(lens):
+        start, end = cu[b], cu[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_tables[b], seq_len)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        qb = q[start:end].transpose(0, 1).float()  # [Hq, q_len, D]
+        kb = k.transpose(0, 1).float()  # [Hq, S, D]
+        vb = v.transpose(0, 1).float()
+        mask = None
+        if q_len > 1:
+            # Query j may see keys up to position seq_len - q_len + j (bottom-right aligned causal).
+            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
+            mask = kpos <= qpos  # [q_len, S]
+        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
+        out[start:end] = ob.transpose(0, 1).to(q.dtype)
+    return out

@@ -19,6 +19,7 @@ ledger's numeric(20, 10) column.
 
 from __future__ import annotations
 
+import logging
 import tomllib
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
@@ -27,6 +28,8 @@ from pathlib import Path
 MAX_PRICE_PLACES = 4
 PER_TOKENS = Decimal(1_000_000)
 PRICE_FIELDS = ("fresh_input", "cached_input", "output")
+
+logger = logging.getLogger(__name__)
 
 
 class PriceError(ValueError):
@@ -119,9 +122,59 @@ def load_price_book(path: str | Path | None) -> PriceBook:
     """The prices in force: the file at `path`, or the defaults when no file is configured."""
     if path is None:
         return PriceBook(default=DEFAULT_PRICES, models={})
-    path = Path(path)
+    return parse_price_book(_read(Path(path)), str(path))
+
+
+def _read(path: Path) -> str:
     try:
-        text = path.read_text()
+        return path.read_text()
     except OSError as exc:
         raise PriceError(f"cannot read prices file {path}: {exc.strerror}") from None
-    return parse_price_book(text, str(path))
+
+
+class PriceSource:
+    """The prices in force now, for a long-running server: the file is read again on every call,
+    so an operator's edit applies from the next turn without a restart (old turns keep the prices
+    stored on their ledger rows). The text is compared, not the mtime, whose granularity can hide
+    two quick edits; parsing happens only when the text changed.
+
+    A file that turns bad while the server runs (a half-saved edit, a typo) does not stop billing:
+    the last good prices stay in force and `error` says why. The first load must succeed.
+    """
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.error: PriceError | None = None
+        self._text: str | None = None
+        self._book = PriceBook(default=DEFAULT_PRICES, models={})
+        if self.path is not None:
+            self._text = _read(self.path)
+            self._book = parse_price_book(self._text, str(self.path))
+
+    def current(self) -> PriceBook:
+        if self.path is None:
+            return self._book
+        try:
+            text = _read(self.path)
+        except PriceError as exc:
+            self._keep_last_good(exc)
+            return self._book
+        if text == self._text:
+            self.error = None
+            return self._book
+        try:
+            book = parse_price_book(text, str(self.path))
+        except PriceError as exc:
+            self._keep_last_good(exc)
+            return self._book
+        self._book, self._text, self.error = book, text, None
+        logger.info("prices reloaded from %s", self.path)
+        return book
+
+    def _keep_last_good(self, error: PriceError) -> None:
+        if str(error) != str(self.error):  # once per new problem, not once per turn
+            logger.error("%s; the last good prices stay in force", error)
+        self.error = error
+
+    def for_model(self, model: str) -> UnitPrices:
+        return self.current().for_model(model)

@@ -1,0 +1,76 @@
+"""PNG plots: time to first token against turn index, and cumulative tokens computed, both modes.
+
+One figure, a column per profile: the top row is TTFT (median, with the p90 dashed, log scale),
+the bottom row the tokens computed (prefill + decode) summed over turns 1..k.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.multiturn.records import RunResult
+from bench.multiturn.report import per_turn
+
+COLORS = {"cache": "#1f77b4", "recompute": "#d62728"}
+
+
+def plot_runs(
+    pairs: list[tuple[RunResult, RunResult]], path: Path, *, title: str = "", dpi: int = 80
+) -> Path:
+    """Write the figure for (cache, recompute) pairs, one column per profile; returns path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not pairs:
+        raise ValueError("nothing to plot: no runs")
+    columns = len(pairs)
+    fig, axes = plt.subplots(2, columns, figsize=(3.6 * columns, 5.6), squeeze=False)
+    for col, pair in enumerate(pairs):
+        ttft_ax, tokens_ax = axes[0][col], axes[1][col]
+        for run in pair:
+            stats = per_turn(run)
+            turns = sorted(stats)
+            color = COLORS.get(run.mode, "gray")
+            ttft_ax.plot(
+                turns,
+                [stats[t].ttft_p50 * 1000 for t in turns],
+                "o-",
+                color=color,
+                markersize=3,
+                label=f"{run.mode} p50",
+            )
+            ttft_ax.plot(
+                turns,
+                [stats[t].ttft_p90 * 1000 for t in turns],
+                "--",
+                color=color,
+                linewidth=1,
+                alpha=0.7,
+                label=f"{run.mode} p90",
+            )
+            cumulative, total = [], 0
+            for t in turns:
+                total += stats[t].computed
+                cumulative.append(total / 1000)
+            tokens_ax.plot(turns, cumulative, "o-", color=color, markersize=3, label=run.mode)
+        ttft_ax.set_yscale("log")
+        ttft_ax.set_title(pair[0].profile)
+        ttft_ax.set_xlabel("turn")
+        tokens_ax.set_xlabel("turn")
+        if col == 0:
+            ttft_ax.set_ylabel("time to first token (ms)")
+            tokens_ax.set_ylabel("tokens computed, cumulative (k)")
+            ttft_ax.legend(fontsize=7)
+            tokens_ax.legend(fontsize=7)
+        for ax in (ttft_ax, tokens_ax):
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

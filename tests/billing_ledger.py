@@ -1,0 +1,56 @@
+"""Test helper: write ledger rows directly, the way a turn bills itself (app/billing/prices.py),
+for report tests that need many turns, several days or several accounts without running a model."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.billing.prices import UnitPrices
+from app.db.models import Account, Thread, UsageRecord
+
+
+async def new_account(session: AsyncSession, name: str = "acme") -> str:
+    account = Account(name=name)
+    session.add(account)
+    await session.flush()
+    return account.id
+
+
+async def new_thread(session: AsyncSession, account_id: str, model: str) -> str:
+    thread = Thread(account_id=account_id, model=model)
+    session.add(thread)
+    await session.flush()
+    return thread.id
+
+
+def add_turn(
+    session: AsyncSession,
+    *,
+    account_id: str,
+    thread_id: str | None,
+    model: str,
+    cached: int,
+    fresh: int,
+    output: int,
+    prices: UnitPrices,
+    at: datetime,
+) -> UsageRecord:
+    row = UsageRecord(
+        account_id=account_id,
+        thread_id=thread_id,
+        model=model,
+        input_tokens=cached + fresh,
+        cached_tokens=cached,
+        fresh_tokens=fresh,
+        output_tokens=output,
+        miss_reason=None if cached else "new_thread",
+        price_fresh_input=prices.fresh_input,
+        price_cached_input=prices.cached_input,
+        price_output=prices.output,
+        cost=prices.cost(cached_tokens=cached, fresh_tokens=fresh, output_tokens=output),
+        created_at=at,
+    )
+    session.add(row)  # written at the caller's next flush or commit
+    return row

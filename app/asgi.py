@@ -26,8 +26,10 @@ from litestar.openapi import OpenAPIConfig
 
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
+from app.api.router import create_v1_router
 from app.config import ConfigError, Settings, load_settings
 from app.db.session import create_engine, create_session_factory
+from app.threads.lifespan import threads_lifespan
 
 API_VERSION = "0.1.0"
 
@@ -52,14 +54,14 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
         app.state.db = db
         app.state.sessions = create_session_factory(db)
         try:
-            app.state.engine = await _open_inference_engine(settings, engine)
             yield
         finally:
             await db.dispose()
 
     return Litestar(
-        route_handlers=[healthz],
-        lifespan=[lifespan],
+        route_handlers=[healthz, create_v1_router()],
+        # Entered in order, left in reverse: the engine stops before the database closes.
+        lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,
         state=State({"settings": settings, "engine": None}),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),

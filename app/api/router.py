@@ -1,0 +1,43 @@
+"""The /v1 API: every route needs a bearer key; thread errors become JSON with their status."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, Router
+from litestar.di import Provide
+
+from app.api.auth import provide_account_id
+from app.api.deps import provide_thread_service, provide_turn_service
+from app.api.errors import error_response
+from app.api.messages import MessageController
+from app.api.threads import ThreadController
+from app.threads import errors
+
+STATUS = {
+    errors.ThreadNotFound: 404,
+    errors.ThreadBusy: 409,
+    errors.InvalidField: 400,
+    errors.MessageTooLarge: 413,
+    errors.ContextLengthExceeded: 400,
+    errors.IdempotencyKeyReused: 422,
+    errors.IdempotencyConflict: 409,
+    errors.GenerationFailed: 500,
+}
+
+
+def threads_error_handler(request: Request[Any, Any, Any], exc: errors.ThreadsError) -> Response:
+    return error_response(STATUS.get(type(exc), 400), exc.type, exc.message)
+
+
+def create_v1_router() -> Router:
+    return Router(
+        path="/v1",
+        route_handlers=[ThreadController, MessageController],
+        dependencies={
+            "account_id": Provide(provide_account_id),
+            "thread_service": Provide(provide_thread_service, sync_to_thread=False),
+            "turn_service": Provide(provide_turn_service, sync_to_thread=False),
+        },
+        exception_handlers={errors.ThreadsError: threads_error_handler},
+    )

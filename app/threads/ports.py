@@ -1,0 +1,53 @@
+"""What the turn service needs from the inference side, as protocols (no torch imported here).
+
+The real objects are app.engine.bridge.AsyncEngine and the loaded model's chat format; the
+factory in app/threads/engine_factory.py builds them from settings and wraps them in a
+`ModelRuntime`. Tests may hand in any object with these methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.engine.types import SamplingParams, StreamEvent
+
+
+class ChatFormat(Protocol):
+    def start(self, system: str | None) -> list[int]: ...
+
+    def user_turn(self, content: str) -> list[int]: ...
+
+    def assistant_end(self, generated: list[int], finish_reason: str) -> list[int]: ...
+
+
+class TurnEngine(Protocol):
+    def generate(
+        self,
+        thread_key: str,
+        history_ids: Sequence[int],
+        new_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        first_turn: bool,
+    ) -> AsyncIterator[StreamEvent]: ...
+
+    def commit_turn(self, thread_key: str) -> None: ...
+
+    def rollback_turn(self, thread_key: str) -> None: ...
+
+    def forget_thread(self, thread_key: str) -> None: ...
+
+    def thread_state(self, thread_key: str) -> Any: ...
+
+
+@dataclass(frozen=True)
+class ModelRuntime:
+    """The one model this server runs: its engine and what the service needs to talk to it."""
+
+    name: str  # the model name threads and ledger rows record
+    engine: TurnEngine
+    chat_format: ChatFormat
+    max_context_tokens: int  # prompt + generated tokens of one turn may not exceed this
+    default_max_tokens: int = 256

@@ -1,0 +1,425 @@
+"""One append-message is one turn: validate, lock the thread, generate, commit atomically.
+
+    outcome = await turns.begin(account_id, thread_id, request, idempotency_key)
+    if isinstance(outcome, Replayed): ...           # the stored first result, nothing ran
+    try:
+        async for event in outcome.events():        # TextDelta ... then one TurnDone
+            ...
+    finally:
+        await outcome.close()                       # rolls back unless committed; unlocks
+
+`begin` does every check that can reject the request (413, 404, 409, 400 context overflow) before
+anything streams, so those are plain HTTP errors. Generation writes nothing; after the engine's
+FinishEvent one transaction inserts the user message, the assistant message and the ledger row
+and advances the thread's counters; then the engine keeps the turn's KV (`commit_turn`). Any
+failure, or the caller going away before that transaction, rolls the engine back instead, so the
+KV cache never holds tokens the database does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from decimal import Decimal
+
+import msgspec
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.billing.prices import PriceBook
+from app.db import ids, models
+from app.engine.types import FinishEvent, SamplingParams
+from app.threads import schemas, store
+from app.threads.errors import (
+    ContextLengthExceeded,
+    GenerationFailed,
+    IdempotencyConflict,
+    IdempotencyKeyReused,
+    InvalidField,
+    MessageTooLarge,
+    ThreadNotFound,
+)
+from app.threads.ports import ModelRuntime
+from app.threads.shield import run_to_completion
+from app.threads.stop_holdback import StopHoldback
+from app.threads.turn_lock import TurnLocks
+from app.threads.views import unix_seconds
+
+log = logging.getLogger(__name__)
+
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class TurnDone:
+    result: schemas.TurnResult
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """The first result of a request retried with the same Idempotency-Key."""
+
+    result: schemas.TurnResult
+
+
+@dataclass(frozen=True)
+class TurnLimits:
+    max_message_bytes: int
+
+
+class TurnService:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        runtime: ModelRuntime,
+        locks: TurnLocks,
+        prices: Callable[[], PriceBook],
+        limits: TurnLimits,
+    ) -> None:
+        self._sessions = sessions
+        self._runtime = runtime
+        self._locks = locks
+        self._prices = prices
+        self._limits = limits
+
+    async def begin(
+        self,
+        account_id: str,
+        thread_id: str,
+        request: schemas.AppendMessageRequest,
+        idempotency_key: str | None = None,
+    ) -> Turn | Replayed:
+        """Check everything, take the thread's turn lock; raise or return the ready turn."""
+        num_bytes = len(request.content.encode("utf-8"))
+        if num_bytes > self._limits.max_message_bytes:
+            raise MessageTooLarge(num_bytes, self._limits.max_message_bytes)
+        limit = self._runtime.max_context_tokens
+        if request.max_tokens is not None and request.max_tokens >= limit:
+            raise InvalidField("max_tokens", f"must be below the model's context of {limit}")
+        if idempotency_key is not None:
+            _check_idempotency_key(idempotency_key)
+        fingerprint = _fingerprint(thread_id, request)
+
+        if (replay := await self._replay(account_id, idempotency_key, fingerprint)) is not None:
+            return replay
+        async with self._sessions() as session:
+            if await store.get_thread(session, account_id, thread_id) is None:
+                raise ThreadNotFound(thread_id)
+
+        stack = AsyncExitStack()
+        await stack.enter_async_context(self._locks.hold(thread_id))
+        try:
+            # Again under the lock: the first request may have finished since the look above.
+            if (replay := await self._replay(account_id, idempotency_key, fingerprint)) is not None:
+                await stack.aclose()
+                return replay
+            async with self._sessions() as session:
+                thread = await store.get_thread(session, account_id, thread_id)
+                if thread is None:  # deleted meanwhile
+                    raise ThreadNotFound(thread_id)
+                history_ids = await store.token_log(session, thread_id)
+            new_ids = self._runtime.chat_format.user_turn(request.content)
+            params = self._sampling_params(request, len(history_ids), len(new_ids))
+            return Turn(
+                service=self,
+                account_id=account_id,
+                thread_id=thread_id,
+                request=request,
+                history_ids=history_ids,
+                new_ids=new_ids,
+                first_turn=thread.message_count <= 1,
+                params=params,
+                idempotency_key=idempotency_key,
+                fingerprint=fingerprint,
+                unlock=stack,
+            )
+        except BaseException:
+            await stack.aclose()
+            raise
+
+    def _sampling_params(
+        self, request: schemas.AppendMessageRequest, num_history: int, num_new: int
+    ) -> SamplingParams:
+        """The turn's sampling, with max_tokens checked against the context.
+
+        An explicit max_tokens must fit entirely: history + message + max_tokens <= context.
+        Without one, the reply may use the room left, up to the default max_tokens.
+        """
+        limit = self._runtime.max_context_tokens
+        room = limit - num_history - num_new
+        if request.max_tokens is not None:
+            max_tokens = request.max_tokens
+        else:
+            max_tokens = max(1, min(self._runtime.default_max_tokens, room))
+        if max_tokens > room:
+            raise ContextLengthExceeded(
+                thread_tokens=num_history,
+                message_tokens=num_new,
+                max_tokens=max_tokens,
+                limit=limit,
+            )
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            seed=request.seed,
+            stop=tuple(request.stop),
+        )
+
+    async def _replay(self, account_id: str, key: str | None, fingerprint: str) -> Replayed | None:
+        if key is None:
+            return None
+        async with self._sessions() as session:
+            row = await store.find_usage_by_idempotency_key(session, account_id, key)
+        if row is None:
+            return None
+        stored = row.response or {}
+        if stored.get("request_sha256") != fingerprint:
+            raise IdempotencyKeyReused(key)
+        return Replayed(msgspec.convert(stored["body"], schemas.TurnResult))
+
+    async def _commit(self, turn: Turn, finish: FinishEvent) -> schemas.TurnResult:
+        """The one transaction of a turn, then the engine keeps its KV; or both roll back."""
+        try:
+            result = await self._write(turn, finish)
+        except BaseException:
+            turn.settle(self._runtime.engine.rollback_turn)
+            raise
+        turn.settle(self._runtime.engine.commit_turn)
+        return result
+
+    async def _write(self, turn: Turn, finish: FinishEvent) -> schemas.TurnResult:
+        chat_format = self._runtime.chat_format
+        counts = finish.counts
+        reply_ids = list(finish.token_ids) + chat_format.assistant_end(
+            list(finish.token_ids), finish.finish_reason
+        )
+        unit = self._prices().for_model(self._runtime.name)
+        cost = unit.cost(
+            cached_tokens=counts.cached_tokens,
+            fresh_tokens=counts.computed_tokens,
+            output_tokens=counts.generated_tokens,
+        )
+        miss_reason = None if counts.miss_reason is None else counts.miss_reason.value
+        try:
+            async with self._sessions.begin() as session:
+                thread = await store.get_thread(
+                    session, turn.account_id, turn.thread_id, for_update=True
+                )
+                if thread is None:
+                    raise ThreadNotFound(turn.thread_id)
+                if thread.token_count != len(turn.history_ids):
+                    # Cannot happen under the turn lock; refuse rather than corrupt the log.
+                    raise GenerationFailed("the thread changed while the turn ran")
+                position = thread.message_count
+                user = models.Message(
+                    id=ids.new_id(ids.MESSAGE),
+                    thread_id=thread.id,
+                    position=position,
+                    role="user",
+                    content=turn.request.content,
+                    token_ids=list(turn.new_ids),
+                )
+                reply = models.Message(
+                    id=ids.new_id(ids.MESSAGE),
+                    thread_id=thread.id,
+                    position=position + 1,
+                    role="assistant",
+                    content=finish.text,
+                    token_ids=reply_ids,
+                )
+                session.add_all([user, reply])
+                thread.token_count += len(turn.new_ids) + len(reply_ids)
+                thread.message_count += 2
+                store.touch(thread)
+                await session.flush()  # gives the messages their created_at
+                result = schemas.TurnResult(
+                    thread_id=thread.id,
+                    message=schemas.AssistantMessage(
+                        id=reply.id,
+                        thread_id=thread.id,
+                        position=reply.position,
+                        role="assistant",
+                        content=reply.content,
+                        token_count=len(reply_ids),
+                        created_at=unix_seconds(reply.created_at),
+                        finish_reason=finish.finish_reason,
+                    ),
+                    usage=schemas.Usage(
+                        input_tokens=counts.prompt_tokens,
+                        cached_tokens=counts.cached_tokens,
+                        fresh_tokens=counts.computed_tokens,
+                        output_tokens=counts.generated_tokens,
+                        cost=_decimal_text(cost),
+                    ),
+                    cache=schemas.TurnCache(hit=miss_reason is None, miss_reason=miss_reason),
+                )
+                stored = None
+                if turn.idempotency_key is not None:
+                    stored = {
+                        "request_sha256": turn.fingerprint,
+                        "body": msgspec.to_builtins(result),
+                    }
+                session.add(
+                    models.UsageRecord(
+                        id=ids.new_id(ids.USAGE),
+                        account_id=turn.account_id,
+                        thread_id=thread.id,
+                        model=self._runtime.name,
+                        input_tokens=counts.prompt_tokens,
+                        cached_tokens=counts.cached_tokens,
+                        fresh_tokens=counts.computed_tokens,
+                        output_tokens=counts.generated_tokens,
+                        miss_reason=miss_reason,
+                        price_fresh_input=unit.fresh_input,
+                        price_cached_input=unit.cached_input,
+                        price_output=unit.output,
+                        cost=cost,
+                        queue_ms=_ms(finish.timings.get("queue_s")),
+                        ttft_ms=_ms(finish.timings.get("ttft_s")),
+                        total_ms=_ms(finish.timings.get("total_s")),
+                        idempotency_key=turn.idempotency_key,
+                        response=stored,
+                    )
+                )
+        except IntegrityError as exc:
+            if turn.idempotency_key is not None and "idempotency_key" in str(exc.orig):
+                raise IdempotencyConflict(turn.idempotency_key) from None
+            raise
+        return result
+
+
+class Turn:
+    """A turn that passed every check and holds its thread's lock; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        service: TurnService,
+        account_id: str,
+        thread_id: str,
+        request: schemas.AppendMessageRequest,
+        history_ids: list[int],
+        new_ids: list[int],
+        first_turn: bool,
+        params: SamplingParams,
+        idempotency_key: str | None,
+        fingerprint: str,
+        unlock: AsyncExitStack,
+    ) -> None:
+        self._service = service
+        self.account_id = account_id
+        self.thread_id = thread_id
+        self.request = request
+        self.history_ids = history_ids
+        self.new_ids = new_ids
+        self.first_turn = first_turn
+        self.params = params
+        self.idempotency_key = idempotency_key
+        self.fingerprint = fingerprint
+        self._unlock = unlock
+        self._finished = False  # the engine sent its FinishEvent: commit or rollback is ours
+        self._settled = False  # commit_turn or rollback_turn was called
+        self._events: AsyncIterator | None = None
+
+    def events(self) -> AsyncIterator[TextDelta | TurnDone]:
+        if self._events is not None:
+            raise RuntimeError("a turn runs once")
+        self._events = self._run()
+        return self._events
+
+    def settle(self, engine_call) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            engine_call(self.thread_id)
+        except Exception:
+            log.exception("engine %s failed for thread %s", engine_call.__name__, self.thread_id)
+
+    async def close(self) -> None:
+        """Stop the turn if it still runs (nothing is committed then) and release the lock.
+
+        Shielded: the caller is often being cancelled (client gone), and a half-done close would
+        leave the engine's sequence running or the thread locked.
+        """
+        await run_to_completion(self._close())
+
+    async def _close(self) -> None:
+        try:
+            if self._events is not None:
+                await self._events.aclose()
+            if self._finished:
+                self.settle(self._service._runtime.engine.rollback_turn)
+        finally:
+            await self._unlock.aclose()
+
+    async def _run(self) -> AsyncIterator[TextDelta | TurnDone]:
+        engine = self._service._runtime.engine
+        holdback = StopHoldback(self.params.stop)
+        stream = engine.generate(
+            self.thread_id, self.history_ids, self.new_ids, self.params, first_turn=self.first_turn
+        )
+        finish: FinishEvent | None = None
+        try:
+            try:
+                async for event in stream:
+                    if isinstance(event, FinishEvent):
+                        finish = event
+                        self._finished = True
+                        break
+                    if delta := holdback.push(event.text):
+                        yield TextDelta(delta)
+            except Exception as exc:
+                log.exception("generation failed for thread %s", self.thread_id)
+                raise GenerationFailed(str(exc) or type(exc).__name__) from exc
+            finally:
+                # A stream closed before its FinishEvent aborts and rolls back by itself.
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await run_to_completion(aclose())
+            if finish is None:
+                raise GenerationFailed("the engine stopped before the reply was finished")
+            if rest := holdback.finish(finish.text):
+                yield TextDelta(rest)
+            result = await run_to_completion(self._service._commit(self, finish))
+            yield TurnDone(result)
+        finally:
+            if self._finished:
+                self.settle(engine.rollback_turn)  # no-op once committed
+
+
+def _fingerprint(thread_id: str, request: schemas.AppendMessageRequest) -> str:
+    """What makes two appends the same request (streaming or not is only the delivery)."""
+    body = msgspec.json.encode(msgspec.structs.replace(request, stream=False))
+    return hashlib.sha256(thread_id.encode() + b"\0" + body).hexdigest()
+
+
+def _check_idempotency_key(key: str) -> None:
+    if (
+        not key
+        or len(key) > MAX_IDEMPOTENCY_KEY_LENGTH
+        or not key.isascii()
+        or not key.isprintable()
+    ):
+        raise InvalidField(
+            "Idempotency-Key",
+            f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters",
+        )
+
+
+def _decimal_text(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value else "0"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0

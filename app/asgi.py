@@ -23,10 +23,15 @@ from typing import Any
 from litestar import Litestar
 from litestar.datastructures import State
 from litestar.openapi import OpenAPIConfig
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.template import TemplateConfig
 
+from app.api.billing import BillingPageController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
+from app.api.metrics import metrics
 from app.api.router import create_v1_router
+from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
 from app.db.session import create_engine, create_session_factory
 from app.threads.lifespan import threads_lifespan
@@ -59,10 +64,11 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
             await db.dispose()
 
     return Litestar(
-        route_handlers=[healthz, create_v1_router()],
+        route_handlers=[healthz, metrics, create_v1_router(), BillingPageController],
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,
         state=State({"settings": settings, "engine": None}),
+        template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),
     )

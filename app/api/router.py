@@ -8,6 +8,7 @@ from litestar import Request, Response, Router
 from litestar.di import Provide
 
 from app.api.auth import provide_account_id
+from app.api.billing import billing_report
 from app.api.deps import provide_thread_service, provide_turn_service
 from app.api.errors import error_response
 from app.api.messages import MessageController
@@ -33,7 +34,7 @@ def threads_error_handler(request: Request[Any, Any, Any], exc: errors.ThreadsEr
 def create_v1_router() -> Router:
     return Router(
         path="/v1",
-        route_handlers=[ThreadController, MessageController],
+        route_handlers=[ThreadController, MessageController, billing_report],
         dependencies={
             "account_id": Provide(provide_account_id),
             "thread_service": Provide(provide_thread_service, sync_to_thread=False),

@@ -10,11 +10,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-from billing_ledger import add_turn, new_account, new_thread
 
 from app.billing.prices import UnitPrices
 from app.billing.report import DayRange, GroupBy, ReportError, UsageSums, build_report
 from app.db.models import Thread
+from tests.billing_ledger import add_turn, new_account, new_thread
 
 CHEAP = UnitPrices(Decimal("0.10"), Decimal("0"), Decimal("0.30"))
 DEAR = UnitPrices(Decimal("2.5"), Decimal("0.0125"), Decimal("7.0001"))

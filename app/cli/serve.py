@@ -1,0 +1,39 @@
+"""`serve`: check the database, then run the app under uvicorn in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from app.cli.errors import check_database
+from app.config import Settings
+
+
+def run_server(settings: Settings) -> int:
+    import uvicorn
+
+    from app.asgi import create_app
+
+    check_database(settings, migrated=True)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+    )
+    return 0
+
+
+def _handle(settings: Settings, args: argparse.Namespace) -> int:
+    return run_server(settings)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve", help="run the HTTP service (KVTHREADS_HOST:KVTHREADS_PORT)"
+    )
+    parser.set_defaults(handler=_handle)

@@ -1,0 +1,131 @@
+"""What `make run` and `make migrate` do, for a developer's machine.
+
+    python -m app.devrun run      # local database (unless DATABASE_URL), migrate, key, serve
+    python -m app.devrun migrate  # local database (unless DATABASE_URL), migrate
+
+Without DATABASE_URL the local cluster in KVTHREADS_DATA_DIR/pg (default .data/pg) is started and
+used; it keeps running after the server stops, until `make db-stop`. The data folder also keeps:
+
+    secret      KVTHREADS_SECRET when the environment gives none, so cookies survive restarts
+    local-key   an API key made on the first run, printed at every start with a curl example
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import secrets
+import sys
+from pathlib import Path
+
+from app.cli.errors import CliError, database_label
+from app.cli.migrate import run_migrations
+from app.cli.serve import run_server
+from app.config import ConfigError, Settings, load_settings
+from app.db import accounts
+from app.db.session import create_engine, create_session_factory
+from app.devdb import ClusterError, run_cluster
+
+LOCAL_ACCOUNT = "local"
+
+
+def with_database(settings: Settings) -> Settings:
+    """The settings, with the local cluster's URL when DATABASE_URL is unset (starting it)."""
+    if settings.database_url is not None:
+        return settings
+    cluster = run_cluster(settings)
+    url = cluster.start()
+    print(
+        f"devrun: local PostgreSQL in {cluster.root} on 127.0.0.1:{cluster.port}", file=sys.stderr
+    )
+    return dataclasses.replace(settings, database_url=url)
+
+
+def _read_or_make(path: Path, make: str) -> str:
+    """The first line of `path`; when there is none yet, write `make` there (owner-only)."""
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(make + "\n")
+    return make
+
+
+def with_kept_secret(settings: Settings) -> Settings:
+    if "KVTHREADS_SECRET" in settings.from_environment:
+        return settings
+    secret = _read_or_make(settings.data_dir / "secret", secrets.token_urlsafe(32))
+    return dataclasses.replace(settings, secret=secret)
+
+
+async def _local_key(url: str, key_file: Path) -> str:
+    """The key in key_file when this database still accepts it, else a new one (kept there)."""
+    engine = create_engine(url, pool_size=1)
+    try:
+        async with create_session_factory(engine)() as session, session.begin():
+            if key_file.is_file():
+                kept = key_file.read_text().strip()
+                if kept and await accounts.authenticate(session, kept) is not None:
+                    return kept
+            made = await accounts.create_account_with_key(session, LOCAL_ACCOUNT, "make run")
+        key_file.unlink(missing_ok=True)
+        _read_or_make(key_file, made.secret)
+        return made.secret
+    finally:
+        await engine.dispose()
+
+
+def try_it_lines(base_url: str, key: str) -> list[str]:
+    """The commands printed at start for a first try (the API sections add theirs here)."""
+    return [f"curl -s {base_url}/healthz"]
+
+
+def _banner(settings: Settings, key: str) -> str:
+    host = "localhost" if settings.host in ("127.0.0.1", "0.0.0.0", "::") else settings.host
+    base_url = f"http://{host}:{settings.port}"
+    assert settings.database_url is not None
+    lines = [
+        "",
+        f"kvthreads on {base_url}  (Ctrl-C stops the server; `make db-stop` stops the database)",
+        f"  database  {database_label(settings.database_url)}",
+        f"  API key   {key}  (kept in {settings.data_dir / 'local-key'})",
+        "  try:",
+        *(f"    {line}" for line in try_it_lines(base_url, key)),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run(settings: Settings) -> int:
+    settings = with_kept_secret(with_database(settings))
+    run_migrations(settings)
+    assert settings.database_url is not None
+    key = asyncio.run(_local_key(settings.database_url, settings.data_dir / "local-key"))
+    print(_banner(settings, key), file=sys.stderr, flush=True)
+    return run_server(settings)
+
+
+def migrate(settings: Settings) -> int:
+    return run_migrations(with_database(settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    commands = {"run": run, "migrate": migrate}
+    if len(args) != 1 or args[0] not in commands:
+        print(f"usage: python -m app.devrun {{{'|'.join(commands)}}}", file=sys.stderr)
+        return 2
+    try:
+        return commands[args[0]](load_settings())
+    except ConfigError as exc:
+        print(f"kvthreads: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (CliError, ClusterError) as exc:
+        print(f"kvthreads: {exc}", file=sys.stderr)
+        return getattr(exc, "exit_code", 1)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,120 @@
+"""Settings from the environment: defaults, normalisation, and clear failures."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from app.config import ConfigError, Settings, load_settings
+
+
+def test_defaults_from_an_empty_environment() -> None:
+    settings = load_settings({})
+    assert settings.database_url is None
+    assert settings.model == "builtin-tiny-random"
+    assert (settings.device, settings.dtype) == ("auto", "auto")
+    assert (settings.kv_cache_mb, settings.block_size) == (256, 16)
+    assert (settings.max_batch_tokens, settings.max_num_seqs) == (512, 32)
+    assert settings.residency is True
+    assert (settings.max_message_bytes, settings.default_max_tokens) == (32768, 256)
+    assert (settings.host, settings.port) == ("127.0.0.1", 8000)
+    assert settings.prices is None
+    assert settings.log_level == "info"
+    assert len(settings.secret) >= 32
+    assert settings.from_environment == frozenset()
+
+
+def test_unset_secret_is_random_per_load() -> None:
+    assert load_settings({}).secret != load_settings({}).secret
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:p@h:5433/d", "postgresql+asyncpg://u:p@h:5433/d"),
+        ("postgres://u:p@h/d", "postgresql+asyncpg://u:p@h/d"),
+        ("postgresql+asyncpg://u:p%40x@h/d", "postgresql+asyncpg://u:p%40x@h/d"),
+    ],
+)
+def test_database_url_is_normalised_to_asyncpg(given: str, expected: str) -> None:
+    assert load_settings({"DATABASE_URL": given}).database_url == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"DATABASE_URL": "mysql://u@h/d"}, "postgresql+asyncpg"),
+        ({"DATABASE_URL": "postgresql+psycopg://u@h/d"}, "postgresql+asyncpg"),
+        ({"DATABASE_URL": "postgresql://u@h"}, "names no database"),
+        ({"DATABASE_URL": "not a url"}, "malformed"),
+        ({"DATABASE_URL": "postgresql://u@h:port/d"}, "malformed"),
+        ({"KVTHREADS_PORT": "eighty"}, "KVTHREADS_PORT must be an integer"),
+        ({"KVTHREADS_PORT": "70000"}, "KVTHREADS_PORT must be between 0 and 65535"),
+        ({"KVTHREADS_KV_CACHE_MB": "0"}, "KVTHREADS_KV_CACHE_MB must be >= 1"),
+        ({"KVTHREADS_DEVICE": "tpu"}, "KVTHREADS_DEVICE must be one of auto, cpu, cuda"),
+        ({"KVTHREADS_DTYPE": "int8"}, "KVTHREADS_DTYPE must be one of"),
+        ({"KVTHREADS_RESIDENCY": "maybe"}, "KVTHREADS_RESIDENCY must be on or off"),
+        ({"KVTHREADS_LOG_LEVEL": "loud"}, "KVTHREADS_LOG_LEVEL"),
+        ({"KVTHREADS_SECRET": "short"}, "at least 16"),
+        ({"KVTHREADS_PRICES": "/no/such/prices.toml"}, "no such file"),
+        ({"KVTHREADS_MODEL": "/no/such/model"}, "neither a built-in model"),
+        ({"KVTHREADS_HOST": "a b"}, "KVTHREADS_HOST"),
+        ({"KVTHREADS_PG_BINDIR": "/nowhere"}, "no postgres binary"),
+    ],
+)
+def test_malformed_values_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_settings(env)
+
+
+def test_unknown_kvthreads_variable_is_a_typo_error_with_a_suggestion() -> None:
+    with pytest.raises(ConfigError, match="did you mean KVTHREADS_PORT instead of KVTHREADS_PROT"):
+        load_settings({"KVTHREADS_PROT": "9000"})
+    with pytest.raises(ConfigError, match=r"unknown setting KVTHREADS_ZZZ \(known: "):
+        load_settings({"KVTHREADS_ZZZ": "1"})
+
+
+def test_other_variables_are_ignored() -> None:
+    settings = load_settings({"PATH": "/bin", "HOME": "/root"})
+    assert dataclasses.replace(settings, secret="x") == dataclasses.replace(
+        load_settings({}), secret="x"
+    )
+
+
+def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
+    prices = tmp_path / "prices.toml"
+    prices.write_text("")
+    model = tmp_path / "model"
+    model.mkdir()
+    settings = load_settings(
+        {
+            "KVTHREADS_MODEL": str(model),
+            "KVTHREADS_DEVICE": "CPU",
+            "KVTHREADS_KV_CACHE_MB": "1_024",
+            "KVTHREADS_RESIDENCY": "off",
+            "KVTHREADS_PORT": "9001",
+            "KVTHREADS_PRICES": str(prices),
+            "KVTHREADS_SECRET": "s" * 20,
+            "KVTHREADS_DATA_DIR": str(tmp_path / "data"),
+        }
+    )
+    assert settings.model == str(model)
+    assert not settings.is_builtin_model
+    assert settings.device == "cpu"
+    assert settings.kv_cache_mb == 1024
+    assert settings.residency is False
+    assert settings.port == 9001
+    assert settings.prices == prices
+    assert settings.secret == "s" * 20
+    assert settings.data_dir == tmp_path / "data"
+    assert "KVTHREADS_SECRET" in settings.from_environment
+
+
+def test_settings_are_frozen() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+    assert isinstance(settings, Settings)

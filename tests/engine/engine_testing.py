@@ -59,8 +59,11 @@ class LogitsLog:
             self.rows.setdefault(seq.seq_id, []).append(row.clone())
 
 
-def run_to_finish(engine: LLMEngine, max_steps: int = 10_000) -> dict[int, FinishEvent]:
-    """Step until nothing is unfinished; every request must finish without an error."""
+def run_to_finish(
+    engine: LLMEngine, *, commit: bool = False, max_steps: int = 10_000
+) -> dict[int, FinishEvent]:
+    """Step until nothing is unfinished; every request must finish without an error.
+    With commit, each finished turn is committed at once, as the service would."""
     finished: dict[int, FinishEvent] = {}
     for _ in range(max_steps):
         if not engine.has_unfinished():
@@ -71,4 +74,6 @@ def run_to_finish(engine: LLMEngine, max_steps: int = 10_000) -> dict[int, Finis
             for event in out.events:
                 if isinstance(event, FinishEvent):
                     finished[out.seq_id] = event
+                    if commit:
+                        engine.commit_turn(out.thread_key)
     raise AssertionError("the engine did not finish")

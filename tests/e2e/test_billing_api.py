@@ -1,0 +1,203 @@
+"""GET /v1/billing/report, the /billing page's sign-in cookie, and /metrics, over HTTP.
+
+Ledger rows are written directly here (tests/billing_ledger.py); the reconciliation through real
+turns is test_billing_reconcile.py, the page in a real browser test_billing_browser.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+
+from app.billing.prices import UnitPrices
+from app.db.accounts import authenticate, create_account_with_key, revoke_key
+from tests.billing_ledger import add_turn, new_thread
+
+PRICES = UnitPrices(Decimal("0.5"), Decimal("0.01"), Decimal("1.5"))
+RANGE = "start=2026-05-01&end=2026-05-03"
+
+
+@pytest.fixture
+async def account(db_sessions, new_key):
+    """An account with a key and three turns on May 1 and 3, 2026 (two threads, two models)."""
+    secret = await new_key("billing")
+    async with db_sessions.begin() as session:
+        account_id = (await authenticate(session, secret)).id
+        a = await new_thread(session, account_id, "model-a")
+        b = await new_thread(session, account_id, "model-b")
+        for thread, model, day, cached in ((a, "model-a", 1, 0), (a, "model-a", 3, 900),
+                                           (b, "model-b", 3, 0)):  # fmt: skip
+            add_turn(session, account_id=account_id, thread_id=thread, model=model, cached=cached,
+                     fresh=100, output=20, prices=PRICES, at=datetime(2026, 5, day, 9, tzinfo=UTC))  # fmt: skip
+    return {"key": secret, "id": account_id, "threads": (a, b)}
+
+
+@pytest.fixture
+async def api(open_api, account):
+    client = await open_api()
+    client.headers["Authorization"] = f"Bearer {account['key']}"
+    return client
+
+
+async def test_report_by_day_lists_every_day_and_money_as_strings(api):
+    r = await api.get(f"/v1/billing/report?{RANGE}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["object"], body["start"], body["end"], body["group_by"]) == (
+        "billing.report", "2026-05-01", "2026-05-03", "day")  # fmt: skip
+    assert [row["key"] for row in body["rows"]] == ["2026-05-01", "2026-05-02", "2026-05-03"]
+    assert body["rows"][1]["turns"] == 0 and body["rows"][1]["cache_hit_ratio"] is None
+    totals = body["totals"]
+    # cost: 300 fresh x 0.5 + 900 cached x 0.01 + 60 output x 1.5 = 249 per million tokens;
+    # without the cache: 1200 input x 0.5 + 60 x 1.5 = 690 per million.
+    assert totals == {
+        "turns": 3, "input_tokens": 1200, "cached_tokens": 900, "fresh_tokens": 300,
+        "output_tokens": 60, "cache_hit_ratio": 0.75, "cost": "0.000249",
+        "cost_without_cache": "0.00069", "saved": "0.000441",
+    }  # fmt: skip
+
+
+async def test_report_by_thread_and_model(api, account):
+    by_thread = (await api.get(f"/v1/billing/report?{RANGE}&group_by=thread")).json()
+    assert [row["key"] for row in by_thread["rows"]] == list(account["threads"])
+    assert [row["turns"] for row in by_thread["rows"]] == [2, 1]
+    by_model = (await api.get(f"/v1/billing/report?{RANGE}&group_by=model")).json()
+    assert [(row["key"], row["cost"]) for row in by_model["rows"]] == [
+        ("model-a", "0.000169"), ("model-b", "0.00008")]  # fmt: skip
+
+
+async def test_csv_has_a_header_and_the_same_rows_as_json(api):
+    for group_by in ("day", "thread", "model"):
+        query = f"{RANGE}&group_by={group_by}"
+        body = (await api.get(f"/v1/billing/report?{query}")).json()
+        r = await api.get(f"/v1/billing/report?{query}&format=csv")
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/csv")
+        assert "attachment" in r.headers["content-disposition"]
+        header, *rows = csv.reader(io.StringIO(r.text))
+        assert header[0] == group_by
+        assert rows == [
+            [row["key"], *("" if row[c] is None else str(row[c]) for c in header[1:])]
+            for row in body["rows"]
+        ]
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("start=2026-05-03&end=2026-05-01", "start 2026-05-03 is after end 2026-05-01"),
+        ("start=2026-02-30", "start is not a real date"),
+        ("start=May+1", "start must be a date as YYYY-MM-DD"),
+        ("end=2026-5-1", "end must be a date as YYYY-MM-DD"),
+        ("group_by=week", "group_by must be one of day, thread, model"),
+        ("format=xml", "format must be json or csv"),
+        ("start=1900-01-01&end=2026-01-01", "too long to group by day"),
+    ],
+)
+async def test_bad_queries_are_400(api, query, message):
+    r = await api.get(f"/v1/billing/report?{query}")
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request"
+    assert message in r.json()["error"]["message"]
+
+
+async def test_the_report_needs_a_key_and_shows_only_the_callers_account(open_api, api, new_key):
+    anonymous = await open_api()
+    assert (await anonymous.get(f"/v1/billing/report?{RANGE}")).status_code == 401
+    other = await new_key("other")
+    r = await anonymous.get(f"/v1/billing/report?{RANGE}", headers={"Authorization": f"Bearer {other}"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["totals"]["turns"] == 0
+    assert (await api.get(f"/v1/billing/report?{RANGE}")).json()["totals"]["turns"] == 3
+
+
+# ------------------------------------------------------------------------------------- the page
+
+
+async def _sign_in(client, key: str):
+    return await client.post("/billing/sign-in", data={"api_key": key}, follow_redirects=False)
+
+
+async def test_sign_in_sets_a_signed_http_only_cookie(open_api, account):
+    client = await open_api()
+    r = await client.get("/billing")
+    assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
+    r = await _sign_in(client, "kvt_not-a-key")
+    assert r.status_code == 401 and "not valid" in r.text
+    r = await _sign_in(client, account["key"])
+    assert r.status_code == 303 and r.headers["location"] == "/billing"
+    cookie = r.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/billing" in cookie
+    assert account["key"] not in cookie  # encoded and signed, not the bare key
+    r = await client.get(f"/billing?{RANGE}")
+    assert r.status_code == 200
+    assert 'data-field="cost" data-value="0.000249"' in r.text
+    assert r.text.count('class="bar-group"') == 2  # May 1 and 3; May 2 has no turns
+    r = await client.get(f"/billing/report.csv?{RANGE}")
+    assert r.status_code == 200 and r.text.startswith("day,turns,")
+
+
+async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_api, account, db_sessions):
+    client = await open_api()
+    await _sign_in(client, account["key"])
+    token = client.cookies["kvthreads_billing"]
+    payload, mac = token.split(".")
+    client.cookies.set("kvthreads_billing", f"{payload}.{'A' * len(mac)}", path="/billing")
+    r = await client.get("/billing")
+    assert r.status_code == 401 and 'action="/billing/sign-in"' in r.text
+    assert (await client.get("/billing/report.csv")).status_code == 401
+
+    client.cookies.clear()
+    await _sign_in(client, account["key"])
+    assert (await client.get("/billing")).status_code == 200
+    async with db_sessions.begin() as session:
+        await revoke_key(session, account["key"])
+    r = await client.get("/billing")
+    assert r.status_code == 401 and "revoked" in r.text
+    assert (await client.get("/billing/report.csv")).status_code == 401
+
+
+async def test_sign_out_forgets_the_cookie(open_api, account):
+    client = await open_api()
+    await _sign_in(client, account["key"])
+    r = await client.get("/billing/sign-out", follow_redirects=False)
+    assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
+    client.cookies.clear()  # what the browser does with Max-Age=0
+    r = await client.get("/billing")
+    assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
+
+
+async def test_the_page_says_what_is_wrong_with_a_range(open_api, account):
+    client = await open_api()
+    await _sign_in(client, account["key"])
+    r = await client.get("/billing?start=2026-05-03&end=2026-05-01")
+    assert r.status_code == 400 and "is after end" in r.text
+    r = await client.get(f"/billing?{RANGE}&group_by=model")
+    assert r.status_code == 200 and 'data-key="model-b"' in r.text
+
+
+# ---------------------------------------------------------------------------------- /metrics
+
+
+async def test_metrics_export_the_ledger_totals_of_all_accounts(open_api, account, db_sessions):
+    async with db_sessions.begin() as session:
+        other = (await create_account_with_key(session, "other")).account
+        add_turn(session, account_id=other.id, thread_id=None, model="model-b", cached=7,
+                 fresh=3, output=1, prices=PRICES, at=datetime(2026, 1, 1, tzinfo=UTC))  # fmt: skip
+    r = await (await open_api()).get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = set(r.text.splitlines())
+    assert {
+        "# TYPE kvthreads_ledger_turns_total counter",
+        'kvthreads_ledger_turns_total{model="model-a"} 2',
+        'kvthreads_ledger_turns_total{model="model-b"} 2',
+        'kvthreads_ledger_tokens_total{model="model-a",kind="cached"} 900',
+        'kvthreads_ledger_tokens_total{model="model-b",kind="cached"} 7',
+        'kvthreads_ledger_tokens_total{model="model-b",kind="fresh"} 103',
+        'kvthreads_ledger_tokens_total{model="model-b",kind="output"} 21',
+        "kvthreads_engine_up 0",
+    } <= lines

@@ -8,9 +8,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 LINT_PATHS := app kernels tests bench migrations
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup db db-stop db-url migrate run test lint format
+.PHONY: help setup chromium db db-stop db-url migrate run test lint format
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,6 +24,11 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
+
+# The billing page's browser test drives Debian's Chromium (never a downloaded browser build).
+chromium: ## install Debian's Chromium for the browser test (skipped when /usr/bin/chromium exists)
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 db: setup ## start the local PostgreSQL (kept in .data/pg) and print its URL
 	@$(PY) -m app.devdb start
@@ -39,7 +45,7 @@ migrate: setup ## upgrade the database schema (the local database unless DATABAS
 run: setup ## serve on localhost:8000 (starts the local database, migrates, prints an API key)
 	@$(PY) -m app.devrun run
 
-test: setup ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
+test: setup chromium ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check

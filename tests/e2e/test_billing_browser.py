@@ -1,0 +1,168 @@
+"""The billing page in real headless Chromium (Debian's /usr/bin/chromium, `make chromium`),
+driven by Playwright against the app served by uvicorn on a local port.
+
+It signs in through the form, checks that the chart has one bar group per day with turns and the
+numbers of the JSON report, that the totals match that report, that the CSV link downloads the
+API's CSV, and that the page asks nothing of the network. Screenshot: tests/artifacts/billing.png.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from playwright.async_api import async_playwright
+
+from app.asgi import create_app
+from app.billing.prices import UnitPrices
+from app.db.accounts import authenticate
+from tests.billing_ledger import add_turn, new_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]  # Playwright gives every launch a fresh, temporary --user-data-dir
+SCREENSHOT = Path(__file__).resolve().parents[1] / "artifacts" / "billing.png"
+RANGE = "start=2026-05-01&end=2026-05-14"
+PRICES = UnitPrices(Decimal("0.6"), Decimal("0"), Decimal("2.4"))
+
+
+def _chromium() -> Path:
+    if CHROMIUM.is_file():
+        return CHROMIUM
+    message = f"{CHROMIUM} is missing: run `make chromium` (Debian's package)"
+    if os.environ.get("CI"):
+        pytest.fail(message)  # CI runs `make test`, which installs it: missing there is a bug
+    pytest.skip(message)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def live_server(settings) -> Iterator[str]:
+    """The app on http://127.0.0.1:<port>, served by uvicorn in a thread of its own."""
+    port = _free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+@pytest.fixture
+async def key(db_sessions, new_key) -> str:
+    """A key whose account has turns on 9 of the 14 days of RANGE, over 3 threads."""
+    secret = await new_key("browser")
+    async with db_sessions.begin() as session:
+        account_id = (await authenticate(session, secret)).id
+        threads = [await new_thread(session, account_id, "builtin-tiny-random") for _ in range(3)]
+        for day in (1, 2, 3, 5, 6, 8, 9, 12, 14):
+            for turn in range(day % 4 + 1):
+                # Later turns of a thread find more of their history in the cache.
+                add_turn(session, account_id=account_id, thread_id=threads[turn % 3],
+                         model="builtin-tiny-random", cached=turn * 900 + day * 40,
+                         fresh=200 + day * 25, output=60 + turn * 10, prices=PRICES,
+                         at=datetime(2026, 5, day, 8 + turn, tzinfo=UTC))  # fmt: skip
+    return secret
+
+
+async def test_the_billing_page_in_chromium(live_server, key, tmp_path):
+    executable = _chromium()
+    async with httpx.AsyncClient(
+        base_url=live_server, headers={"Authorization": f"Bearer {key}"}
+    ) as api:
+        report = (await api.get(f"/v1/billing/report?{RANGE}")).json()
+        api_csv = (await api.get(f"/v1/billing/report?{RANGE}&format=csv")).content
+    days_with_turns = [row for row in report["rows"] if row["turns"]]
+    assert len(days_with_turns) == 9
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(executable), args=CHROMIUM_ARGS)
+        try:
+            context = await browser.new_context(
+                viewport={"width": 1100, "height": 900}, accept_downloads=True
+            )
+            outside: list[str] = []
+
+            async def only_our_server(route):
+                if route.request.url.startswith(live_server):
+                    await route.continue_()
+                else:
+                    outside.append(route.request.url)
+                    await route.abort()
+
+            await context.route("**/*", only_our_server)
+            page = await context.new_page()
+
+            # Sign in once through the form; the cookie carries the session from then on.
+            await page.goto(f"{live_server}/billing")
+            await page.fill("input[name=api_key]", key)
+            async with page.expect_navigation():
+                await page.click("button[type=submit]")
+            assert await page.locator("#sign-out").count() == 1
+            cookies = await context.cookies()
+            assert [(c["name"], c["httpOnly"], c["sameSite"]) for c in cookies] == [
+                ("kvthreads_billing", True, "Lax")
+            ]
+
+            await page.goto(f"{live_server}/billing?{RANGE}")
+            groups = page.locator("svg.day-chart g.bar-group")
+            assert await groups.count() == len(days_with_turns)
+            drawn = await groups.evaluate_all(
+                "gs => gs.map(g => [g.dataset.day, +g.dataset.cached, +g.dataset.fresh,"
+                " g.getBoundingClientRect().height])"
+            )
+            assert [d[:3] for d in drawn] == [
+                [row["key"], row["cached_tokens"], row["fresh_tokens"]] for row in days_with_turns
+            ]
+            assert all(height > 0 for *_, height in drawn)
+
+            totals = await page.locator("#totals dd").evaluate_all(
+                "dds => Object.fromEntries(dds.map(d => [d.dataset.field, d.dataset.value]))"
+            )
+            expected = {k: str(v) for k, v in report["totals"].items() if k != "cache_hit_ratio"}
+            assert totals == expected
+
+            async with page.expect_download() as download_info:
+                await page.click("#csv-link")
+            download = await download_info.value
+            saved = tmp_path / download.suggested_filename
+            await download.save_as(saved)
+            assert saved.read_bytes() == api_csv  # byte for byte, CRLF line ends included
+
+            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+            await page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+            async with page.expect_navigation():
+                await page.click("#sign-out")
+            assert await page.locator("input[name=api_key]").count() == 1
+            assert await context.cookies() == []
+            assert outside == []  # everything the page needs comes from our server
+        finally:
+            await browser.close()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -99,6 +100,16 @@ class LLMEngine:
         self._active: dict[int, Sequence] = {}  # waiting or running
         self._awaiting_commit: dict[Hashable, Sequence] = {}  # finished turns, still pinned
         self.last_num_scheduled = 0
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, **kwargs: Any) -> LLMEngine:
+        """From a loaded model, duck-typed: .model, and when present .tokenizer (its
+        decode(ids) makes the text), .stop_token_ids and .max_context_length."""
+        tokenizer = getattr(loaded, "tokenizer", None)
+        kwargs.setdefault("decode", tokenizer.decode if tokenizer is not None else None)
+        kwargs.setdefault("stop_token_ids", getattr(loaded, "stop_token_ids", ()))
+        kwargs.setdefault("max_model_len", getattr(loaded, "max_context_length", None))
+        return cls(loaded.model, **kwargs)
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -236,7 +247,7 @@ class LLMEngine:
                     seq.first_scheduled = now
         try:
             sample_seqs, token_ids = self._run(batch)
-        except Exception as exc:  # noqa: BLE001 - every scheduled request gets the error
+        except Exception as exc:  # every scheduled request gets the error
             with self.lock:
                 outputs = [self._fail(seq, exc) for seq in batch.seqs]
                 self._maybe_check()
@@ -271,7 +282,7 @@ class LLMEngine:
         for seq, token_id in zip(sample_seqs, token_ids, strict=True):
             try:
                 outputs.append(self._append_token(seq, token_id, now))
-            except Exception as exc:  # noqa: BLE001 - e.g. the tokenizer failed on this id
+            except Exception as exc:  # e.g. the tokenizer failed on this id
                 outputs.append(self._fail(seq, exc))
         return outputs
 

@@ -19,6 +19,7 @@ import tokenizers
 @runtime_checkable
 class Tokenizer(Protocol):
     special_token_ids: frozenset[int]
+    vocab_size: int  # ids the tokenizer knows (the model's embedding may be larger)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, with no special tokens added."""

@@ -64,7 +64,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
             await db.dispose()
 
     return Litestar(
-        route_handlers=[healthz, metrics, create_v1_router(), BillingPageController],
+        route_handlers=[healthz, metrics, create_v1_router(settings.max_message_bytes), BillingPageController],
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,

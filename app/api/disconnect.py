@@ -22,6 +22,7 @@ class ClientDisconnected(Exception):
 
 async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]) -> T:
     outcome: list[T] = []
+    failure: list[Exception] = []
 
     async with anyio.create_task_group() as group:
 
@@ -33,8 +34,13 @@ async def unless_disconnected(receive: Receive, work: Callable[[], Awaitable[T]]
                     return
 
         group.start_soon(watch)
-        outcome.append(await work())
+        try:
+            outcome.append(await work())
+        except Exception as exc:  # raised below as itself, not wrapped in an ExceptionGroup
+            failure.append(exc)
         group.cancel_scope.cancel()  # done: stop watching
+    if failure:
+        raise failure[0]
     if not outcome:
         raise ClientDisconnected
     return outcome[0]

@@ -31,9 +31,16 @@ def threads_error_handler(request: Request[Any, Any, Any], exc: errors.ThreadsEr
     return error_response(STATUS.get(type(exc), 400), exc.type, exc.message)
 
 
-def create_v1_router() -> Router:
+# Headroom for a message at the size limit: JSON may spell a character as 6 bytes ("\u00e9"),
+# plus the other fields. Bodies past this are refused (413) before they are read whole.
+JSON_ESCAPE_FACTOR = 6
+BODY_OVERHEAD_BYTES = 64 * 1024
+
+
+def create_v1_router(max_message_bytes: int) -> Router:
     return Router(
         path="/v1",
+        request_max_body_size=max_message_bytes * JSON_ESCAPE_FACTOR + BODY_OVERHEAD_BYTES,
         route_handlers=[ThreadController, MessageController, billing_report],
         dependencies={
             "account_id": Provide(provide_account_id),

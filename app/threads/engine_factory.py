@@ -1,7 +1,13 @@
-"""Build the model runtime (loaded model + AsyncEngine) from settings, for the app's lifespan."""
+"""Build the model runtime (loaded model + AsyncEngine) from settings, for the app's lifespan.
+
+torch is imported here only inside the function, so importing the app (and the API layer) does
+not pull it in; the model loads once, when the app starts.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -9,14 +15,64 @@ from typing import Any
 from app.config import Settings
 from app.threads.ports import ModelRuntime
 
+log = logging.getLogger(__name__)
+
+
+def build_runtime(settings: Settings) -> ModelRuntime:
+    """Load the configured model and start an engine on it (blocking: seconds for big models)."""
+    import torch
+
+    from app.engine.bridge import AsyncEngine
+    from app.engine.loader import resolve_model
+
+    dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    loaded = resolve_model(settings.model, settings.device, dtype)
+    engine = AsyncEngine.from_loaded(
+        loaded,
+        kv_cache_mb=settings.kv_cache_mb,
+        block_size=settings.block_size,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        residency=settings.residency,
+    )
+    engine.start()
+    log.info(
+        "model %s on %s (%s), context %d tokens, KV pool %d MB",
+        loaded.name,
+        loaded.device,
+        loaded.dtype,
+        loaded.max_context_length,
+        settings.kv_cache_mb,
+    )
+    return runtime_for(loaded, engine, default_max_tokens=settings.default_max_tokens)
+
+
+def runtime_for(loaded: Any, engine: Any, *, default_max_tokens: int = 256) -> ModelRuntime:
+    """A runtime for an engine built elsewhere on `loaded` (a LoadedModel), e.g. by a test."""
+    return ModelRuntime(
+        name=loaded.name,
+        engine=engine,
+        chat_format=loaded.chat_format,
+        max_context_tokens=loaded.max_context_length,
+        default_max_tokens=default_max_tokens,
+    )
+
 
 @asynccontextmanager
-async def open_model_runtime(
-    settings: Settings, given: Any | None
-) -> AsyncIterator[ModelRuntime | None]:
-    """The runtime the app serves with: the one given (its owner starts and stops it)."""
-    if isinstance(given, ModelRuntime):
+async def open_model_runtime(settings: Settings, given: Any | None) -> AsyncIterator[ModelRuntime]:
+    """The runtime the app serves with: the one given (its owner starts and stops it), or one
+    built from settings, whose engine is shut down when the app stops (in-flight turns are
+    aborted and roll back)."""
+    if given is not None:
+        if not isinstance(given, ModelRuntime):
+            raise TypeError(
+                "create_app(engine=...) takes a ModelRuntime (app.threads.engine_factory."
+                f"runtime_for(loaded, engine)), got {type(given).__name__}"
+            )
         yield given
         return
-    # TEMPORARY until app/engine/bridge.py lands: no engine, no threads API.
-    yield None
+    runtime = await asyncio.to_thread(build_runtime, settings)
+    try:
+        yield runtime
+    finally:
+        await asyncio.to_thread(runtime.engine.shutdown)

@@ -23,10 +23,9 @@ def threads_lifespan(settings: Settings, engine: Any | None):
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         async with open_model_runtime(settings, engine) as runtime:
             app.state.engine = runtime
-            if runtime is not None:
-                app.state.threads = build_components(
-                    settings, app.state.db, app.state.sessions, runtime
-                )
+            app.state.threads = build_components(
+                settings, app.state.db, app.state.sessions, runtime
+            )
             yield
 
     return lifespan

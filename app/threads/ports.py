@@ -39,7 +39,9 @@ class TurnEngine(Protocol):
 
     def forget_thread(self, thread_key: str) -> None: ...
 
-    def thread_state(self, thread_key: str) -> Any: ...
+    def thread_state(self, thread_key: str) -> Any: ...  # .resident, .cached_tokens
+
+    def shutdown(self) -> None: ...  # aborts turns in flight; blocks until the engine stopped
 
 
 @dataclass(frozen=True)

@@ -366,11 +366,19 @@ class Turn:
     async def _run(self) -> AsyncIterator[TextDelta | TurnDone]:
         engine = self._service._runtime.engine
         holdback = StopHoldback(self.params.stop)
-        stream = engine.generate(
-            self.thread_id, self.history_ids, self.new_ids, self.params, first_turn=self.first_turn
-        )
         finish: FinishEvent | None = None
         try:
+            try:
+                # Raises at once for a turn the engine refuses (stopped, pool too small).
+                stream = engine.generate(
+                    self.thread_id,
+                    self.history_ids,
+                    self.new_ids,
+                    self.params,
+                    first_turn=self.first_turn,
+                )
+            except Exception as exc:
+                raise GenerationFailed(str(exc) or type(exc).__name__) from exc
             try:
                 async for event in stream:
                     if isinstance(event, FinishEvent):

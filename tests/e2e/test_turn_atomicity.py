@@ -1,0 +1,182 @@
+"""A turn is all or nothing: failures, cancelled streams and gone clients commit nothing and roll
+the engine back; one turn at a time per thread, also across two app instances; idempotent retries.
+
+These use FakeEngine (tests/e2e/fake_engine.py) to inject failures and slow turns down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+
+from tests.e2e.fake_engine import FakeEngine, fake_runtime
+from tests.e2e.snapshot import snapshot
+from tests.e2e.sse import parse_sse
+
+
+async def _thread(client) -> str:
+    r = await client.post("/v1/threads", json={})
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+async def _wait_until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.005)
+
+
+async def test_generation_failure_commits_nothing_and_rolls_back(
+    fake_api, fake_engine, db_sessions
+):
+    thread_id = await _thread(fake_api)
+    assert (
+        await fake_api.post(f"/v1/threads/{thread_id}/messages", json={"content": "a"})
+    ).status_code == 200
+    cached_before = fake_engine.thread_state(thread_id).cached_tokens
+    before = await snapshot(db_sessions)
+
+    fake_engine.fail_after_tokens = 3
+    r = await fake_api.post(f"/v1/threads/{thread_id}/messages", json={"content": "b"})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "generation_failed"
+    r = await fake_api.post(
+        f"/v1/threads/{thread_id}/messages", json={"content": "b", "stream": True}
+    )
+    assert r.status_code == 200
+    assert [e for e, _ in parse_sse(r.text)][-1] == "error"
+
+    assert await snapshot(db_sessions) == before
+    assert fake_engine.thread_state(thread_id).cached_tokens == cached_before
+    assert not fake_engine.pinned
+    fake_engine.fail_after_tokens = None  # and the thread goes on
+    assert (
+        await fake_api.post(f"/v1/threads/{thread_id}/messages", json={"content": "c"})
+    ).status_code == 200
+
+
+async def test_database_failure_after_generation_rolls_the_engine_back(
+    fake_api, fake_engine, db_sessions, db_engine
+):
+    thread_id = await _thread(fake_api)
+    before = await snapshot(db_sessions)
+    # Make the ledger insert fail inside the turn's transaction.
+    async with db_engine.begin() as conn:
+        await conn.exec_driver_sql(
+            "ALTER TABLE usage_ledger ADD CONSTRAINT test_no_rows CHECK (input_tokens < 0) NOT VALID"
+        )
+    r = await fake_api.post(f"/v1/threads/{thread_id}/messages", json={"content": "a"})
+    assert r.status_code == 500
+    assert await snapshot(db_sessions) == before  # not even the user message
+    assert fake_engine.rollbacks == 1 and fake_engine.commits == 0
+    assert not fake_engine.pinned
+    assert fake_engine.thread_state(thread_id).cached_tokens == 0
+
+
+async def test_concurrent_appends_one_thread_409_two_threads_both_succeed(open_live, new_key):
+    fake_engine = FakeEngine(delay_s=0.01)
+    fake_api = await open_live(fake_runtime(fake_engine))
+    fake_api.headers["Authorization"] = f"Bearer {await new_key()}"
+    one, two = await _thread(fake_api), await _thread(fake_api)
+    same = await asyncio.gather(
+        fake_api.post(f"/v1/threads/{one}/messages", json={"content": "a"}),
+        fake_api.post(f"/v1/threads/{one}/messages", json={"content": "b"}),
+    )
+    assert sorted(r.status_code for r in same) == [200, 409]
+    busy = next(r for r in same if r.status_code == 409).json()["error"]
+    assert busy["type"] == "thread_busy" and one in busy["message"]
+    both = await asyncio.gather(
+        fake_api.post(f"/v1/threads/{one}/messages", json={"content": "c"}),
+        fake_api.post(f"/v1/threads/{two}/messages", json={"content": "d"}),
+    )
+    assert [r.status_code for r in both] == [200, 200]
+    r = await fake_api.get(f"/v1/threads/{one}")
+    assert r.json()["message_count"] == 5  # system + two turns: the 409 wrote nothing
+
+
+async def test_busy_across_two_app_instances_on_one_database(open_live, new_key, db_sessions):
+    slow, other = FakeEngine(delay_s=0.02), FakeEngine()
+    key = await new_key()
+    first = await open_live(fake_runtime(slow))
+    second = await open_live(fake_runtime(other))
+    for client in (first, second):
+        client.headers["Authorization"] = f"Bearer {key}"
+    thread_id = await _thread(first)
+
+    running = asyncio.create_task(
+        first.post(f"/v1/threads/{thread_id}/messages", json={"content": "slow"})
+    )
+    await _wait_until(lambda: thread_id in slow.pinned)
+    before = await snapshot(db_sessions)
+    r = await second.post(f"/v1/threads/{thread_id}/messages", json={"content": "other"})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["type"] == "thread_busy"
+    assert not other.pinned and await snapshot(db_sessions) == before
+    r = await second.delete(f"/v1/threads/{thread_id}")
+    assert r.status_code == 409  # nor is it deleted under the running turn
+    assert (await running).status_code == 200
+    # Released: the other instance may run the next turn now.
+    r = await second.post(f"/v1/threads/{thread_id}/messages", json={"content": "next"})
+    assert r.status_code == 200, r.text
+    assert r.json()["cache"]["miss_reason"] == "restarted"  # never held in that process
+
+
+async def test_cancelled_stream_commits_nothing(open_live, new_key, db_sessions):
+    engine = FakeEngine(delay_s=0.05)
+    client = await open_live(fake_runtime(engine))
+    client.headers["Authorization"] = f"Bearer {await new_key()}"
+    thread_id = await _thread(client)
+    before = await snapshot(db_sessions)
+    url = f"/v1/threads/{thread_id}/messages"
+    async with client.stream("POST", url, json={"content": "hi", "stream": True}) as r:
+        assert r.status_code == 200
+        lines = r.aiter_lines()
+        assert await anext(lines) == "event: delta"
+    # The connection is closed mid-stream: the server cancels the turn.
+    await _wait_until(lambda: engine.rollbacks == 1 and not engine.pinned)
+    assert engine.commits == 0
+    assert await snapshot(db_sessions) == before
+
+    # Same for a plain request whose client gives up before the answer.
+    with pytest.raises(httpx.ReadTimeout):
+        await client.post(url, json={"content": "hi"}, timeout=0.3)
+    await _wait_until(lambda: engine.rollbacks == 2 and not engine.pinned)
+    assert await snapshot(db_sessions) == before
+
+    # The thread was unlocked each time: the next turn runs.
+    engine.delay_s = 0
+    r = await client.post(url, json={"content": "again"})
+    assert r.status_code == 200, r.text
+    assert engine.commits == 1
+
+
+async def test_idempotent_retry_replays_without_running_or_billing(
+    fake_api, fake_engine, db_sessions
+):
+    thread_id = await _thread(fake_api)
+    url = f"/v1/threads/{thread_id}/messages"
+    key = {"Idempotency-Key": "retry-1"}
+    first = await fake_api.post(url, json={"content": "hi"}, headers=key)
+    assert first.status_code == 200 and "idempotent-replayed" not in first.headers
+    after_first = await snapshot(db_sessions)
+
+    again = await fake_api.post(url, json={"content": "hi"}, headers=key)
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    streamed = await fake_api.post(url, json={"content": "hi", "stream": True}, headers=key)
+    events = parse_sse(streamed.text)
+    assert events[-1] == ("done", first.json())
+    assert (
+        "".join(d["text"] for e, d in events if e == "delta") == first.json()["message"]["content"]
+    )
+    assert fake_engine.commits == 1
+    assert await snapshot(db_sessions) == after_first
+
+    reused = await fake_api.post(url, json={"content": "something else"}, headers=key)
+    assert reused.status_code == 422
+    assert reused.json()["error"]["type"] == "idempotency_key_reused"
+    assert await snapshot(db_sessions) == after_first

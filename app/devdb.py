@@ -49,6 +49,7 @@ DB_NAME = "kvthreads"
 ROOT_FALLBACK = Path("/var/lib/kvthreads")
 MAX_SOCKET_DIR = 80  # a unix socket path must fit in 107 bytes: dir + "/.s.PGSQL.NNNNN"
 START_TIMEOUT_S = 60
+THROWAWAY_PREFIX = "kvt-pg-"
 
 # Throwaway clusters trade durability for speed: tests never need their data after a crash.
 FAST_UNSAFE = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
@@ -358,6 +359,8 @@ class LocalCluster:
             conf.write("\n# kvthreads (app/devdb.py)\n")
             conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
         state = {"port": self.port, "password": password, "bindir": str(bindir)}
+        if not self.durable:
+            state["owner_pid"] = os.getpid()  # lets a later run reap it if this process dies
         self._state_file.write_text(json.dumps(state, indent=2) + "\n")
         self._state_file.chmod(0o600)
         _chown_tree(self._state_file, self._account)
@@ -463,6 +466,30 @@ def run_cluster(settings: Settings) -> LocalCluster:
     return LocalCluster(root, port=settings.dev_db_port, bindir_override=settings.pg_bindir)
 
 
+def _reap_abandoned(base: Path) -> None:
+    """Stop and remove throwaway clusters whose test process died without cleaning up (killed)."""
+    for root in base.glob(f"{THROWAWAY_PREFIX}*"):
+        try:
+            owner = json.loads((root / "cluster.json").read_text()).get("owner_pid")
+        except (OSError, ValueError):
+            continue  # still being made, or not ours
+        if not isinstance(owner, int) or _process_exists(owner):
+            continue
+        # Best effort: a cluster that cannot be stopped stays, for the user to see.
+        with contextlib.suppress(ClusterError):
+            LocalCluster(root, port=0, durable=False).stop(remove=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def throwaway_cluster(bindir_override: str | None = None) -> Iterator[LocalCluster]:
     """A fresh cluster on a free port in a temporary folder, removed on exit (the tests' one)."""
@@ -470,7 +497,8 @@ def throwaway_cluster(bindir_override: str | None = None) -> Iterator[LocalClust
     base = Path(tempfile.gettempdir())
     if not _can_reach(account, base, "-x"):
         base = Path("/var/tmp")
-    root = Path(tempfile.mkdtemp(prefix="kvt-pg-", dir=base))
+    _reap_abandoned(base)
+    root = Path(tempfile.mkdtemp(prefix=THROWAWAY_PREFIX, dir=base))
     cluster = LocalCluster(root, port=free_port(), bindir_override=bindir_override, durable=False)
     try:
         cluster.start()

@@ -146,22 +146,27 @@ async def build_report(
         )
     key = _group_key(group_by).label("key")
     lo, hi = days.bounds()
+
+    def total(value):  # sum() over no rows is NULL: the grand total of an empty range
+        return func.coalesce(func.sum(value), 0)
+
     query = (
         select(
             key,
-            func.grouping(key).label("is_total"),
-            func.count().label("turns"),
-            func.sum(UsageRecord.input_tokens),
-            func.sum(UsageRecord.cached_tokens),
-            func.sum(UsageRecord.fresh_tokens),
-            func.sum(UsageRecord.output_tokens),
-            func.sum(UsageRecord.cost),
-            func.sum(
+            func.grouping(key),  # 1 on the grand total's row
+            func.min(UsageRecord.created_at),
+            # UsageSums' fields, in order
+            func.count(),
+            total(UsageRecord.input_tokens),
+            total(UsageRecord.cached_tokens),
+            total(UsageRecord.fresh_tokens),
+            total(UsageRecord.output_tokens),
+            total(UsageRecord.cost),
+            total(
                 UsageRecord.input_tokens * UsageRecord.price_fresh_input
                 + UsageRecord.output_tokens * UsageRecord.price_output
             )
             * literal(PER_MILLION),
-            func.min(UsageRecord.created_at).label("first_turn"),
         )
         .where(
             UsageRecord.account_id == account_id,
@@ -172,18 +177,12 @@ async def build_report(
     )
     totals = ZERO_SUMS
     groups: list[tuple[object, datetime, UsageSums]] = []
-    for k, is_total, turns, inp, cached, fresh, out, cost, without, first in await session.execute(
-        query
-    ):
-        # sum() of no rows is NULL: only the grand total of an empty range has none.
-        sums = UsageSums(
-            turns, inp or 0, cached or 0, fresh or 0, out or 0, cost or Decimal(0),
-            without or Decimal(0),
-        )  # fmt: skip
+    for k, is_total, first_turn, *values in await session.execute(query):
+        sums = UsageSums(*values)
         if is_total:
             totals = sums
         else:
-            groups.append((k, first, sums))
+            groups.append((k, first_turn, sums))
     return Report(days, group_by, _ordered_rows(group_by, days, groups), totals)
 
 

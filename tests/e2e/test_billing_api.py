@@ -1,7 +1,7 @@
-"""GET /v1/billing/report, the /billing page's sign-in cookie, and /metrics, over HTTP.
+"""GET /v1/billing/report and the /billing page's sign-in cookie, over HTTP.
 
 Ledger rows are written directly here (tests/billing_ledger.py); the reconciliation through real
-turns is test_billing_reconcile.py, the page in a real browser test_billing_browser.py.
+turns and /metrics are in test_billing_reconcile.py, the page in a browser test_billing_browser.py.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from decimal import Decimal
 import pytest
 
 from app.billing.prices import UnitPrices
-from app.db.accounts import authenticate, create_account_with_key, revoke_key
+from app.db.accounts import authenticate, revoke_key
 from tests.billing_ledger import add_turn, new_thread
+from tests.e2e.fake_engine import fake_runtime
 
 PRICES = UnitPrices(Decimal("0.5"), Decimal("0.01"), Decimal("1.5"))
 RANGE = "start=2026-05-01&end=2026-05-03"
@@ -37,8 +38,14 @@ async def account(db_sessions, new_key):
 
 
 @pytest.fixture
-async def api(open_api, account):
-    client = await open_api()
+def open_billing(open_api, fake_engine):
+    """An app whose engine is the fake one: these tests run no turns, so no model is loaded."""
+    return lambda: open_api(fake_runtime(fake_engine))
+
+
+@pytest.fixture
+async def api(open_billing, account):
+    client = await open_billing()
     client.headers["Authorization"] = f"Bearer {account['key']}"
     return client
 
@@ -105,8 +112,10 @@ async def test_bad_queries_are_400(api, query, message):
     assert message in r.json()["error"]["message"]
 
 
-async def test_the_report_needs_a_key_and_shows_only_the_callers_account(open_api, api, new_key):
-    anonymous = await open_api()
+async def test_the_report_needs_a_key_and_shows_only_the_callers_account(
+    open_billing, api, new_key
+):
+    anonymous = await open_billing()
     assert (await anonymous.get(f"/v1/billing/report?{RANGE}")).status_code == 401
     other = await new_key("other")
     r = await anonymous.get(f"/v1/billing/report?{RANGE}", headers={"Authorization": f"Bearer {other}"})  # fmt: skip
@@ -121,8 +130,8 @@ async def _sign_in(client, key: str):
     return await client.post("/billing/sign-in", data={"api_key": key}, follow_redirects=False)
 
 
-async def test_sign_in_sets_a_signed_http_only_cookie(open_api, account):
-    client = await open_api()
+async def test_sign_in_sets_a_signed_http_only_cookie(open_billing, account):
+    client = await open_billing()
     r = await client.get("/billing")
     assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
     r = await _sign_in(client, "kvt_not-a-key")
@@ -140,8 +149,8 @@ async def test_sign_in_sets_a_signed_http_only_cookie(open_api, account):
     assert r.status_code == 200 and r.text.startswith("day,turns,")
 
 
-async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_api, account, db_sessions):
-    client = await open_api()
+async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_billing, account, db_sessions):
+    client = await open_billing()
     await _sign_in(client, account["key"])
     token = client.cookies["kvthreads_billing"]
     payload, mac = token.split(".")
@@ -160,8 +169,8 @@ async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_api, account, db_
     assert (await client.get("/billing/report.csv")).status_code == 401
 
 
-async def test_sign_out_forgets_the_cookie(open_api, account):
-    client = await open_api()
+async def test_sign_out_forgets_the_cookie(open_billing, account):
+    client = await open_billing()
     await _sign_in(client, account["key"])
     r = await client.get("/billing/sign-out", follow_redirects=False)
     assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
@@ -170,34 +179,10 @@ async def test_sign_out_forgets_the_cookie(open_api, account):
     assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
 
 
-async def test_the_page_says_what_is_wrong_with_a_range(open_api, account):
-    client = await open_api()
+async def test_the_page_says_what_is_wrong_with_a_range(open_billing, account):
+    client = await open_billing()
     await _sign_in(client, account["key"])
     r = await client.get("/billing?start=2026-05-03&end=2026-05-01")
     assert r.status_code == 400 and "is after end" in r.text
     r = await client.get(f"/billing?{RANGE}&group_by=model")
     assert r.status_code == 200 and 'data-key="model-b"' in r.text
-
-
-# ---------------------------------------------------------------------------------- /metrics
-
-
-async def test_metrics_export_the_ledger_totals_of_all_accounts(open_api, account, db_sessions):
-    async with db_sessions.begin() as session:
-        other = (await create_account_with_key(session, "other")).account
-        add_turn(session, account_id=other.id, thread_id=None, model="model-b", cached=7,
-                 fresh=3, output=1, prices=PRICES, at=datetime(2026, 1, 1, tzinfo=UTC))  # fmt: skip
-    r = await (await open_api()).get("/metrics")
-    assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
-    lines = set(r.text.splitlines())
-    assert {
-        "# TYPE kvthreads_ledger_turns_total counter",
-        'kvthreads_ledger_turns_total{model="model-a"} 2',
-        'kvthreads_ledger_turns_total{model="model-b"} 2',
-        'kvthreads_ledger_tokens_total{model="model-a",kind="cached"} 900',
-        'kvthreads_ledger_tokens_total{model="model-b",kind="cached"} 7',
-        'kvthreads_ledger_tokens_total{model="model-b",kind="fresh"} 103',
-        'kvthreads_ledger_tokens_total{model="model-b",kind="output"} 21',
-        "kvthreads_engine_up 0",
-    } <= lines

@@ -26,6 +26,7 @@ from app.asgi import create_app
 from app.billing.prices import UnitPrices
 from app.db.accounts import authenticate
 from tests.billing_ledger import add_turn, new_thread
+from tests.e2e.fake_engine import fake_runtime
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -58,10 +59,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def live_server(settings) -> Iterator[str]:
-    """The app on http://127.0.0.1:<port>, served by uvicorn in a thread of its own."""
+def live_server(settings, fake_engine) -> Iterator[str]:
+    """The app on http://127.0.0.1:<port>, served by uvicorn in a thread of its own. The page
+    runs no turns, so the fake engine stands in for the model."""
     port = _free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = create_app(settings, fake_runtime(fake_engine))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

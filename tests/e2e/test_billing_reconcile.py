@@ -42,13 +42,15 @@ def prices_file(tmp_path):
 
 
 @pytest.fixture
-def runtime(fake_engine):
-    return fake_runtime(fake_engine)
+async def client(open_api, prices_file):
+    """The app with the real engine on the built-in model (loaded once for the test)."""
+    return await open_api(prices=prices_file)
 
 
 @pytest.fixture
-async def client(open_api, runtime, prices_file):
-    return await open_api(runtime, prices=prices_file)
+async def fake_client(open_api, fake_engine, prices_file):
+    """The app on the fake engine: enough where only the prices matter, and no model to load."""
+    return await open_api(fake_runtime(fake_engine), prices=prices_file)
 
 
 class Caller:
@@ -122,11 +124,42 @@ async def test_report_totals_equal_the_sum_of_the_responses(client, new_key):
     assert [row["key"] for row in bobs["rows"]] == [bob_thread]
     assert _report_sums(bobs["totals"]) == _sum(bob_usage)
 
+    # /metrics: the ledger over all accounts, and this process's cache counters, agree too.
+    r = await client.get("/metrics")
+    assert r.status_code == 200
+    metrics = _samples(r.text)
+    all_turns = everything + bob_usage
+    model = (await alice.get(f"/v1/billing/report?{_range()}&group_by=model")).json()["rows"][0][
+        "key"
+    ]
+    assert metrics[f'kvthreads_ledger_turns_total{{model="{model}"}}'] == len(all_turns)
+    for kind in ("cached", "fresh", "output"):
+        sample = f'kvthreads_ledger_tokens_total{{model="{model}",kind="{kind}"}}'
+        assert metrics[sample] == _sum(all_turns)[f"{kind}_tokens"]
+    assert metrics["kvthreads_kv_cached_tokens_total"] == _sum(all_turns)["cached_tokens"]
+    assert metrics['kvthreads_kv_misses_total{reason="new_thread"}'] == len(usages) + 1
+    assert metrics["kvthreads_kv_hits_total"] == len(all_turns) - len(usages) - 1
+    assert metrics["kvthreads_kv_resident_threads"] == len(usages) + 1
+    assert metrics["kvthreads_kv_evictions_total"] == 0
+
+
+def _samples(exposition: str) -> dict[str, float]:
+    """{'name{labels}': value} from Prometheus text, checking each family is declared first."""
+    declared, samples = set(), {}
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):
+            declared.add(line.split()[2])
+        elif line and not line.startswith("#"):
+            name_labels, value = line.rsplit(" ", 1)
+            assert name_labels.split("{")[0] in declared, line
+            samples[name_labels] = float(value)
+    return samples
+
 
 async def test_a_price_change_between_turns_keeps_old_turns_at_old_prices(
-    client, prices_file, new_key
+    fake_client, prices_file, new_key
 ):
-    carol = Caller(client, await new_key("carol"))
+    carol = Caller(fake_client, await new_key("carol"))
     early = await _thread(carol)
     first = (await _turn(carol, early, "the first turn"))["usage"]
     prices_file.write_text(_prices_toml(NEW))  # the operator edits the price file; no restart

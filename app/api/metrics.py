@@ -14,7 +14,6 @@ Not authenticated: it reveals volumes, not content. Bind it to a private network
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from litestar import MediaType, Response, get
 from litestar.datastructures import State
@@ -88,11 +87,6 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
     )
 
 
-def engine_stats(runtime: Any) -> KVCacheStats | None:
-    """The KV counters of the app's model runtime; None when the app serves no model."""
-    return None if runtime is None else runtime.engine.stats()
-
-
 @get(
     "/metrics",
     operation_id="metrics",
@@ -120,13 +114,5 @@ async def metrics(state: State, billing: NamedDependency[BillingService]) -> Res
             for kind in ("cached", "fresh", "output")
         ),
     )
-    stats = engine_stats(state.engine)
-    out.add(
-        "kvthreads_engine_up",
-        "gauge",
-        "1 when this process serves a model.",
-        [({}, int(stats is not None))],
-    )
-    if stats is not None:
-        _add_engine(out, stats)
+    _add_engine(out, state.engine.engine.stats())  # app.state.engine: the ModelRuntime
     return Response(out.text(), media_type=CONTENT_TYPE)

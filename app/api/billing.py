@@ -211,8 +211,7 @@ class BillingPageController(Controller):
 
     @get("/sign-out", operation_id="billing_sign_out", status_code=303)
     async def sign_out(self) -> Redirect:
-        gone = Cookie(key=COOKIE, value="", path="/billing", max_age=0, httponly=True)
-        return Redirect("/billing", status_code=303, cookies=[gone])
+        return Redirect("/billing", status_code=303, cookies=[_forget_cookie()])
 
     @get("/report.csv", operation_id="billing_page_csv", media_type=MediaType.TEXT)
     async def csv(
@@ -229,8 +228,12 @@ class BillingPageController(Controller):
         return _csv_response(await _report(billing, account_id, start, end, group_by))
 
 
+def _forget_cookie() -> Cookie:
+    return Cookie(key=COOKIE, value="", path="/billing", max_age=0, httponly=True)
+
+
 def _sign_in_page(error: str | None, status_code: int) -> Template:
-    cookies = [Cookie(key=COOKIE, value="", path="/billing", max_age=0)] if error else None
+    cookies = [_forget_cookie()] if error else None
     return Template(
         "billing/sign_in.html", context={"error": error}, status_code=status_code, cookies=cookies
     )

@@ -1,5 +1,5 @@
-"""The Litestar application: routes, error handlers, and the lifespan that opens and closes the
-database (and, later, the inference engine).
+"""The Litestar application: routes, error handlers, and the lifespans that open and close the
+database and the model runtime (app/threads/lifespan.py).
 
     create_app(settings=None, engine=None) -> Litestar
 
@@ -8,8 +8,9 @@ What handlers and services find on `app.state` while the app runs:
     settings   Settings         the configuration the app was made with
     db         AsyncEngine      SQLAlchemy's async engine (one connection pool per process)
     sessions   async_sessionmaker[AsyncSession]
-    engine     the inference engine (app/engine bridge): the `engine` argument; None until the
-               engine issue builds it from settings in `_open_inference_engine` below
+    engine     ModelRuntime     the model, its AsyncEngine and chat format: the `engine` argument
+                                (a ModelRuntime; tests inject theirs), else built from settings
+    threads    ThreadsComponents  the thread and turn services the /v1 routes use
 
 Run it with `python -m app serve`, or `uvicorn --factory app.asgi:create_app`.
 """
@@ -39,15 +40,6 @@ from app.threads.lifespan import threads_lifespan
 API_VERSION = "0.1.0"
 
 
-async def _open_inference_engine(settings: Settings, engine: Any | None) -> Any | None:
-    """The inference engine the app serves with: the one given (tests inject theirs).
-
-    Building one from settings (model, device, KV pool size) belongs to the engine's bridge and is
-    wired here when it lands; until then a service without an engine serves no turns.
-    """
-    return engine
-
-
 def create_app(settings: Settings | None = None, engine: Any | None = None) -> Litestar:
     settings = settings if settings is not None else load_settings()
     if settings.database_url is None:
@@ -64,7 +56,12 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
             await db.dispose()
 
     return Litestar(
-        route_handlers=[healthz, metrics, create_v1_router(settings.max_message_bytes), BillingPageController],
+        route_handlers=[
+            healthz,
+            metrics,
+            create_v1_router(settings.max_message_bytes),
+            BillingPageController,
+        ],
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,

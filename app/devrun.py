@@ -77,7 +77,15 @@ async def _local_key(url: str, key_file: Path) -> str:
 
 def try_it_lines(base_url: str, key: str) -> list[str]:
     """The commands printed at start for a first try (the API sections add theirs here)."""
-    return [f"curl -s {base_url}/healthz"]
+    auth = f'-H "Authorization: Bearer {key}" -H "Content-Type: application/json"'
+    return [
+        f"curl -s {base_url}/healthz",
+        f"THREAD=$(curl -s {base_url}/v1/threads {auth} -d '{{}}' "
+        """| python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')""",
+        f"curl -s {base_url}/v1/threads/$THREAD/messages {auth} "
+        """-d '{"content": "Hello!", "max_tokens": 32}'""",
+        ".venv/bin/python -m app chat   # a terminal chat, reusing this key",
+    ]
 
 
 def _banner(settings: Settings, key: str) -> str:

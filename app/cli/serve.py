@@ -8,6 +8,10 @@ import logging
 from app.cli.errors import check_database
 from app.config import Settings
 
+# Ctrl-C lets turns in flight finish for this long, then cancels them: a cancelled turn commits
+# nothing and rolls its thread's cache back (without a limit, a long reply would hold the stop).
+GRACEFUL_SHUTDOWN_S = 5
+
 
 def run_server(settings: Settings) -> int:
     import uvicorn
@@ -24,6 +28,7 @@ def run_server(settings: Settings) -> int:
         port=settings.port,
         log_level=settings.log_level,
         lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
     return 0
 

@@ -14,6 +14,7 @@ from app.threads import schemas, store
 from app.threads.cursor import decode_cursor, encode_cursor
 from app.threads.errors import ThreadNotFound
 from app.threads.ports import ModelRuntime
+from app.threads.text import reject_nul
 from app.threads.turn_lock import TurnLocks
 from app.threads.views import message_view, thread_view
 
@@ -34,6 +35,10 @@ class ThreadService:
         self._locks = locks
 
     async def create(self, account_id: str, request: schemas.CreateThreadRequest) -> schemas.Thread:
+        reject_nul("system", request.system)
+        for key, value in request.metadata.items():
+            reject_nul("metadata", key)
+            reject_nul(f"metadata[{key!r}]", value)
         # Position 0 opens the token log: the chat format's start (BOS, the system message).
         start_ids = self._runtime.chat_format.start(request.system)
         thread = models.Thread(

@@ -45,6 +45,7 @@ from app.threads.errors import (
 from app.threads.ports import ModelRuntime
 from app.threads.shield import run_to_completion
 from app.threads.stop_holdback import StopHoldback
+from app.threads.text import reject_nul, storable
 from app.threads.turn_lock import TurnLocks
 from app.threads.views import unix_seconds
 
@@ -98,6 +99,9 @@ class TurnService:
         idempotency_key: str | None = None,
     ) -> Turn | Replayed:
         """Check everything, take the thread's turn lock; raise or return the ready turn."""
+        reject_nul("content", request.content)
+        for i, stop in enumerate(request.stop):
+            reject_nul(f"stop[{i}]", stop)
         num_bytes = len(request.content.encode("utf-8"))
         if num_bytes > self._limits.max_message_bytes:
             raise MessageTooLarge(num_bytes, self._limits.max_message_bytes)
@@ -234,7 +238,7 @@ class TurnService:
                     thread_id=thread.id,
                     position=position + 1,
                     role="assistant",
-                    content=finish.text,
+                    content=storable(finish.text),
                     token_ids=reply_ids,
                 )
                 session.add_all([user, reply])
@@ -385,7 +389,7 @@ class Turn:
                         finish = event
                         self._finished = True
                         break
-                    if delta := holdback.push(event.text):
+                    if delta := holdback.push(storable(event.text)):
                         yield TextDelta(delta)
             except Exception as exc:
                 log.exception("generation failed for thread %s", self.thread_id)
@@ -397,7 +401,7 @@ class Turn:
                     await run_to_completion(aclose())
             if finish is None:
                 raise GenerationFailed("the engine stopped before the reply was finished")
-            if rest := holdback.finish(finish.text):
+            if rest := holdback.finish(storable(finish.text)):
                 yield TextDelta(rest)
             result = await run_to_completion(self._service._commit(self, finish))
             yield TurnDone(result)

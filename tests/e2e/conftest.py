@@ -58,8 +58,8 @@ async def open_live(settings: Settings) -> AsyncIterator[Callable[..., httpx.Asy
 
             async def open_client(runtime=None, **overrides) -> httpx.AsyncClient:
                 app = create_app(replace(settings, **overrides), runtime)
-                base_url = servers.enter_context(live_server(app))
-                client = httpx.AsyncClient(base_url=base_url, timeout=60)
+                server = servers.enter_context(live_server(app))
+                client = httpx.AsyncClient(base_url=server.url, timeout=60)
                 return await clients.enter_async_context(client)
 
             yield open_client

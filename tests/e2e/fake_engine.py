@@ -3,12 +3,14 @@
 It keeps per-thread "KV" as the list of token ids it would hold, with the real engine's rules:
 the prompt plus all generated tokens but the last stay cached after commit_turn; rollback_turn
 and an early close go back to the history; a pinned thread refuses a second generate. The reply
-is the text `reply to N tokens` (N = prompt length), byte tokens then the end token.
+is the text `reply to N tokens` (N = prompt length) or the one given, byte tokens then the end
+token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -27,12 +29,25 @@ class FakeThreadState:
 
 
 class FakeEngine:
-    def __init__(self, *, delay_s: float = 0.0, fail_after_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        delay_s: float = 0.0,
+        fail_after_tokens: int | None = None,
+        reply: str | None = None,
+    ) -> None:
         self.tokenizer = ByteTokenizer(SPECIALS)
         self.chat_format = SimpleChatFormat(self.tokenizer)
         self.end_id = self.tokenizer.token_to_id("<|end|>")
         self.delay_s = delay_s
         self.fail_after_tokens = fail_after_tokens
+        self.reply = reply  # the reply's text, instead of "reply to N tokens"
+        # While `gate` is cleared, turns wait before their token number `gate_at`: a test holds a
+        # turn in flight for as long as it needs, whatever the machine's speed. (A threading
+        # Event: live servers run the engine on another thread's event loop.)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.gate_at = 0
         self.cache: dict[str, list[int]] = {}
         self.pinned: dict[str, int] = {}  # thread -> len(history) to roll back to
         self.pending: dict[str, list[int]] = {}  # thread -> KV kept if the turn commits
@@ -64,11 +79,14 @@ class FakeEngine:
         self.pinned[thread_key] = len(history_ids)
         finished = False
         try:
-            reply = list(f"reply to {len(prompt)} tokens".encode())
+            text = self.reply if self.reply is not None else f"reply to {len(prompt)} tokens"
+            reply = list(text.encode())
             generated: list[int] = []
             for token_id in [*reply, self.end_id]:
                 if len(generated) == params.max_tokens:
                     break
+                while len(generated) >= self.gate_at and not self.gate.is_set():
+                    await asyncio.sleep(0.005)
                 if self.fail_after_tokens is not None and len(generated) == self.fail_after_tokens:
                     raise RuntimeError("injected failure")
                 await asyncio.sleep(self.delay_s)

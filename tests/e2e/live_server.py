@@ -21,11 +21,27 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+class LiveServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.url = f"http://{config.host}:{config.port}"
+
+
 @contextmanager
-def live_server(app: Litestar, *, start_timeout_s: float = 30.0) -> Iterator[str]:
+def live_server(
+    app: Litestar, *, start_timeout_s: float = 30.0, graceful_shutdown_s: float | None = None
+) -> Iterator[LiveServer]:
+    """Serve `app`; `server.should_exit = True` stops it early, as Ctrl-C does."""
     port = _free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        lifespan="on",
+        timeout_graceful_shutdown=graceful_shutdown_s,
+    )
+    server = LiveServer(config)
     thread = threading.Thread(target=server.run, name="live-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
@@ -34,7 +50,7 @@ def live_server(app: Litestar, *, start_timeout_s: float = 30.0) -> Iterator[str
             raise RuntimeError("the live server did not start")
         time.sleep(0.02)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server
     finally:
         server.should_exit = True
         thread.join(timeout=30)

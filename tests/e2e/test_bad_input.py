@@ -32,6 +32,8 @@ APPEND_CASES = [
     ({"content": "hi", "stop": "END"}, 400, "invalid_request", ["stop"]),
     ({"content": "hi", "seed": -1}, 400, "invalid_request", ["seed"]),
     ({"content": "hi", "stream": "yes"}, 400, "invalid_request", ["stream"]),
+    ({"content": "a\u0000b"}, 400, "invalid_request", ["content", "NUL"]),
+    ({"content": "hi", "stop": ["x", "\u0000"]}, 400, "invalid_request", ["stop[1]", "NUL"]),
     ({"content": LONG}, 413, "message_too_large", ["40000", "32768"]),
     ({"content": ACCENTED}, 413, "message_too_large", ["40000", "32768"]),
 ]
@@ -45,6 +47,9 @@ CREATE_CASES = [
     ({"metadata": {"k" * 65: "v"}}, ["metadata"]),
     ({"metadata": {"k": "v" * 513}}, ["metadata"]),
     ({"model": "other"}, ["model"]),
+    ({"system": "a\u0000"}, ["system", "NUL"]),
+    ({"metadata": {"k": "\u0000"}}, ["metadata", "NUL"]),
+    ({"metadata": {"\u0000": "v"}}, ["metadata", "NUL"]),
 ]
 
 

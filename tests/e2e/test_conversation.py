@@ -174,12 +174,16 @@ async def test_concurrent_appends_on_a_live_server(open_live, new_key, db_sessio
     two = (await client.post("/v1/threads", json={})).json()["id"]
     long_turn = {"content": "Hi", "temperature": 0, "max_tokens": 200}
 
-    same = await asyncio.gather(
-        client.post(f"/v1/threads/{one}/messages", json=long_turn),
-        client.post(f"/v1/threads/{one}/messages", json=long_turn),
-    )
-    assert sorted(r.status_code for r in same) == [200, 409]
-    assert next(r for r in same if r.status_code == 409).json()["error"]["type"] == "thread_busy"
+    # The first turn is streaming (its first delta is out: it is in flight) when the second comes.
+    url = f"/v1/threads/{one}/messages"
+    async with client.stream("POST", url, json={**long_turn, "stream": True}) as first:
+        lines = first.aiter_lines()
+        assert await anext(lines) == "event: delta"
+        second = await client.post(url, json=long_turn)
+        rest = [line async for line in lines]
+    assert "event: done" in rest
+    assert second.status_code == 409, second.text
+    assert second.json()["error"]["type"] == "thread_busy"
 
     both = await asyncio.gather(
         client.post(f"/v1/threads/{one}/messages", json=long_turn),

@@ -11,7 +11,9 @@ import asyncio
 import httpx
 import pytest
 
+from app.asgi import create_app
 from tests.e2e.fake_engine import FakeEngine, fake_runtime
+from tests.e2e.live_server import live_server
 from tests.e2e.snapshot import snapshot
 from tests.e2e.sse import parse_sse
 
@@ -77,17 +79,21 @@ async def test_database_failure_after_generation_rolls_the_engine_back(
 
 
 async def test_concurrent_appends_one_thread_409_two_threads_both_succeed(open_live, new_key):
-    fake_engine = FakeEngine(delay_s=0.01)
+    fake_engine = FakeEngine()
     fake_api = await open_live(fake_runtime(fake_engine))
     fake_api.headers["Authorization"] = f"Bearer {await new_key()}"
     one, two = await _thread(fake_api), await _thread(fake_api)
-    same = await asyncio.gather(
-        fake_api.post(f"/v1/threads/{one}/messages", json={"content": "a"}),
-        fake_api.post(f"/v1/threads/{one}/messages", json={"content": "b"}),
-    )
-    assert sorted(r.status_code for r in same) == [200, 409]
-    busy = next(r for r in same if r.status_code == 409).json()["error"]
-    assert busy["type"] == "thread_busy" and one in busy["message"]
+    fake_engine.gate.clear()  # whichever turn starts first stays in flight
+    same = [
+        asyncio.create_task(fake_api.post(f"/v1/threads/{one}/messages", json={"content": c}))
+        for c in ("a", "b")
+    ]
+    done, _ = await asyncio.wait(same, return_when=asyncio.FIRST_COMPLETED)
+    busy = done.pop().result()
+    assert busy.status_code == 409, busy.text
+    assert busy.json()["error"]["type"] == "thread_busy" and one in busy.json()["error"]["message"]
+    fake_engine.gate.set()
+    assert sorted([(await task).status_code for task in same]) == [200, 409]
     both = await asyncio.gather(
         fake_api.post(f"/v1/threads/{one}/messages", json={"content": "c"}),
         fake_api.post(f"/v1/threads/{two}/messages", json={"content": "d"}),
@@ -98,7 +104,8 @@ async def test_concurrent_appends_one_thread_409_two_threads_both_succeed(open_l
 
 
 async def test_busy_across_two_app_instances_on_one_database(open_live, new_key, db_sessions):
-    slow, other = FakeEngine(delay_s=0.02), FakeEngine()
+    slow, other = FakeEngine(), FakeEngine()
+    slow.gate.clear()  # its turns stay in flight until the test says
     key = await new_key()
     first = await open_live(fake_runtime(slow))
     second = await open_live(fake_runtime(other))
@@ -117,6 +124,7 @@ async def test_busy_across_two_app_instances_on_one_database(open_live, new_key,
     assert not other.pinned and await snapshot(db_sessions) == before
     r = await second.delete(f"/v1/threads/{thread_id}")
     assert r.status_code == 409  # nor is it deleted under the running turn
+    slow.gate.set()
     assert (await running).status_code == 200
     # Released: the other instance may run the next turn now.
     r = await second.post(f"/v1/threads/{thread_id}/messages", json={"content": "next"})
@@ -125,7 +133,9 @@ async def test_busy_across_two_app_instances_on_one_database(open_live, new_key,
 
 
 async def test_cancelled_stream_commits_nothing(open_live, new_key, db_sessions):
-    engine = FakeEngine(delay_s=0.05)
+    engine = FakeEngine()
+    engine.gate_at = 1  # after its first token, a turn waits until the gate opens
+    engine.gate.clear()
     client = await open_live(fake_runtime(engine))
     client.headers["Authorization"] = f"Bearer {await new_key()}"
     thread_id = await _thread(client)
@@ -147,7 +157,7 @@ async def test_cancelled_stream_commits_nothing(open_live, new_key, db_sessions)
     assert await snapshot(db_sessions) == before
 
     # The thread was unlocked each time: the next turn runs.
-    engine.delay_s = 0
+    engine.gate.set()
     r = await client.post(url, json={"content": "again"})
     assert r.status_code == 200, r.text
     assert engine.commits == 1
@@ -180,3 +190,42 @@ async def test_idempotent_retry_replays_without_running_or_billing(
     assert reused.status_code == 422
     assert reused.json()["error"]["type"] == "idempotency_key_reused"
     assert await snapshot(db_sessions) == after_first
+
+
+async def test_server_stopped_mid_turn_commits_nothing(settings, new_key, db_sessions):
+    engine = FakeEngine()
+    engine.gate_at = 1  # after its first token, a turn waits until the gate opens
+    engine.gate.clear()
+    app = create_app(settings, fake_runtime(engine))
+    headers = {"Authorization": f"Bearer {await new_key()}"}
+    with live_server(app, graceful_shutdown_s=0.5) as server:
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=30) as client:
+            thread_id = await _thread(client)
+            before = await snapshot(db_sessions)
+            body = {"content": "hi", "stream": True}
+            async with client.stream("POST", f"/v1/threads/{thread_id}/messages", json=body) as r:
+                lines = r.aiter_lines()
+                assert await anext(lines) == "event: delta"
+                server.should_exit = True  # Ctrl-C: in-flight turns are cancelled after 0.5 s
+                with pytest.raises(httpx.RemoteProtocolError):  # cut off mid-stream
+                    async for line in lines:
+                        assert line != "event: done"
+    assert engine.commits == 0 and engine.rollbacks == 1 and not engine.pinned
+    assert await snapshot(db_sessions) == before
+
+
+async def test_a_nul_the_model_generates_is_stored_as_a_replacement_character(
+    fake_api, fake_engine
+):
+    # PostgreSQL text cannot hold NUL; the token log keeps the exact ids, the text shows U+FFFD.
+    fake_engine.reply = "a\x00b"
+    thread_id = await _thread(fake_api)
+    url = f"/v1/threads/{thread_id}/messages"
+    plain = await fake_api.post(url, json={"content": "hi"})
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["message"]["content"] == "a\ufffdb"
+    events = parse_sse((await fake_api.post(url, json={"content": "hi", "stream": True})).text)
+    assert "".join(d["text"] for e, d in events if e == "delta") == "a\ufffdb"
+    assert events[-1][1]["message"]["content"] == "a\ufffdb"
+    log = (await fake_api.get(f"/v1/threads/{thread_id}/tokens")).json()["token_ids"]
+    assert log.count(0) == 2

@@ -229,3 +229,28 @@ async def test_a_nul_the_model_generates_is_stored_as_a_replacement_character(
     assert events[-1][1]["message"]["content"] == "a\ufffdb"
     log = (await fake_api.get(f"/v1/threads/{thread_id}/tokens")).json()["token_ids"]
     assert log.count(0) == 2
+
+
+async def test_one_idempotency_key_on_two_threads_at_once_bills_one_turn(
+    open_live, new_key, db_sessions
+):
+    engine = FakeEngine()
+    client = await open_live(fake_runtime(engine))
+    client.headers["Authorization"] = f"Bearer {await new_key()}"
+    one, two = await _thread(client), await _thread(client)
+    engine.gate.clear()  # both turns in flight together: neither finds the other's ledger row
+    key = {"Idempotency-Key": "shared"}
+    turns = [
+        asyncio.create_task(
+            client.post(f"/v1/threads/{t}/messages", json={"content": "hi"}, headers=key)
+        )
+        for t in (one, two)
+    ]
+    await _wait_until(lambda: len(engine.pinned) == 2)
+    engine.gate.set()
+    results = sorted([await t for t in turns], key=lambda r: r.status_code)
+    assert [r.status_code for r in results] == [200, 409]
+    assert results[1].json()["error"]["type"] == "idempotency_conflict"
+    assert engine.commits == 1 and engine.rollbacks == 1 and not engine.pinned
+    counts = [(await client.get(f"/v1/threads/{t}")).json()["message_count"] for t in (one, two)]
+    assert sorted(counts) == [1, 3]  # the loser wrote nothing

@@ -8,11 +8,14 @@ Play order:
     after turn (one user typing); at most `concurrency` turns are in flight.
   - an interleaved profile (`pressure`) plays turn 1 of every conversation, then turn 2 of every
     one, and so on, `concurrency` at a time: every thread stays live, so the KV pool overflows.
+    Each round visits the conversations in a seeded random order (the same in both modes): a
+    fixed cyclic order would make LRU evict every thread just before its next turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from typing import Protocol
 
@@ -80,9 +83,9 @@ async def play(
     conversations = workload.conversations
     if workload.profile.interleaved:
         for turn in range(1, max(len(c.turns) for c in conversations) + 1):
-            await asyncio.gather(
-                *(play_one(c, turn) for c in conversations if turn <= len(c.turns))
-            )
+            players = [c for c in conversations if turn <= len(c.turns)]
+            random.Random(f"order:{workload.seed}:{turn}").shuffle(players)
+            await asyncio.gather(*(play_one(c, turn) for c in players))
     else:
         await asyncio.gather(*(play_conversation(c) for c in conversations))
     wall = time.perf_counter() - start

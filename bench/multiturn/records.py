@@ -29,6 +29,9 @@ class TurnRecord:
     miss_reason: str | None = None
     finish_reason: str | None = None
     server: dict = field(default_factory=dict)  # server-side timings when the service sends them
+    # 409 thread_busy answers retried before the turn ran: the service may still be releasing the
+    # previous turn's lock just after its `done` event (timing starts at the attempt that ran).
+    busy_retries: int = 0
     error: str | None = None
 
     @property

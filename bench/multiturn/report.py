@@ -277,7 +277,7 @@ def format_profile(cache: RunResult, recompute: RunResult) -> str:
     lines.append(_fresh_line(c_sum))
     lines.append(_fresh_line(r_sum))
     if c_sum.miss_reasons.keys() - {"new_thread"} or cache.profile == "pressure":
-        lines.append(_eviction_line(c_sum))
+        lines.append(_eviction_line(c_sum, cache.settings))
     return "\n".join(lines)
 
 
@@ -290,13 +290,19 @@ def _fresh_line(s: RunSummary) -> str:
     return line
 
 
-def _eviction_line(s: RunSummary) -> str:
+def _eviction_line(s: RunSummary, settings: dict) -> str:
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(s.miss_reasons.items())) or "none"
     share = s.recomputed_tokens / s.prefill_tokens if s.prefill_tokens else math.nan
+    # The server's own counters, when the run recorded them (threads evicted, turns preempted).
+    counted = "".join(
+        f"; {name} {int(settings[name])}"
+        for name in ("evictions", "preemptions")
+        if name in settings
+    )
     return (
         f"{s.mode:>9}: hit ratio {_num(s.hit_ratio * 100)}% of turns >= 2; misses: {reasons}; "
         f"evictions recomputed {s.recomputed_tokens:,} history tokens "
-        f"({_num(share * 100)}% of prefill)"
+        f"({_num(share * 100)}% of prefill){counted}"
     )
 
 

@@ -1,0 +1,355 @@
+"""One benchmark invocation: both modes, every chosen profile, the JSON, the plot and the tables.
+
+services   a throwaway database, one key, and per pool size a `cache` instance
+           (KVTHREADS_RESIDENCY=on) and a `recompute` instance (off); or running ones by URL
+warm-up    one short thread per instance, not measured (first-call allocations, lazy imports)
+runs       for each profile: the same workload (same seed) in `cache`, then in `recompute`
+outputs    bench/out/multiturn-<stamp>.json (every turn) and .png; the tables on stdout
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+from contextlib import ExitStack
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+
+from bench.multiturn import service, sizing
+from bench.multiturn.client import HttpSender
+from bench.multiturn.driver import play
+from bench.multiturn.records import MODES, RunResult
+from bench.multiturn.report import LATE_TURN, format_profile, format_summary, summarize
+from bench.multiturn.workloads import PROFILES, Workload, build_workload
+
+# CPU defaults: sized so that `make bench` (both modes, four profiles, the bench-size model on
+# two cores) ends within ten minutes. Replies are shortened (REPLY_SCALE) because decoding is
+# the slow part on a CPU and the figures that matter (TTFT per turn, fresh tokens) depend on
+# replies only through the history they add.
+DEFAULT_MODEL = "builtin-bench-random"
+DEFAULT_CONCURRENCY = {"chat": 4, "long": 2, "agent": 4, "pressure": 4}
+DEFAULT_REPLY_SCALE = 0.25
+PRESSURE_POOL_FRACTION = 0.5
+TARGET_SPEEDUP = {"chat": 5.0, "long": 10.0}  # the issue's bar for turns >= LATE_TURN
+REQUEST_TIMEOUT_S = 900
+
+
+@dataclass
+class SuiteOptions:
+    profiles: list[str] = field(default_factory=lambda: list(PROFILES))
+    seed: int = 0
+    scale: float = 1.0
+    reply_scale: float = DEFAULT_REPLY_SCALE
+    concurrency: int | None = None  # None: DEFAULT_CONCURRENCY per profile
+    model: str = DEFAULT_MODEL
+    device: str = "cpu"
+    temperature: float = 1.0
+    max_batch_tokens: int | None = None  # None: the service's default
+    kv_cache_mb: int | None = None  # None: sized from the workloads
+    pressure_kv_cache_mb: int | None = None
+    database_url: str | None = None
+    urls: dict[str, str] | None = None  # mode -> base URL of a running service
+    api_key: str | None = None
+    out_dir: Path = Path("bench/out")
+    plot_copy: Path | None = None  # also write the plot here (the README's copy)
+    warmup: bool = True
+
+    def concurrency_for(self, profile: str) -> int:
+        return self.concurrency or DEFAULT_CONCURRENCY.get(profile, 4)
+
+
+@dataclass
+class SuiteResult:
+    meta: dict
+    pairs: list[tuple[RunResult, RunResult]]
+    json_path: Path
+    plot_path: Path | None
+
+    @property
+    def ok(self) -> bool:
+        """Every turn answered and the fresh-token check held in both modes."""
+        for pair in self.pairs:
+            for run in pair:
+                s = summarize(run)
+                if s.errors or not s.fresh_check.ok:
+                    return False
+        return True
+
+
+def model_kv_bytes_per_token(model: str, device: str) -> int:
+    """KV bytes one token takes in the service's pool (the dtype it picks on that device)."""
+    import torch
+
+    from app.engine import builtin
+    from app.engine.hf_config import read_hf_config
+    from app.engine.kv_pool import bytes_per_block
+
+    config = (
+        builtin.builtin_config(model) if builtin.is_builtin(model) else read_hf_config(Path(model))
+    )
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    # The service keeps float32 on the CPU and a 16-bit dtype on an accelerator (engine/loader.py).
+    dtype = torch.float32 if on_cpu else torch.bfloat16
+    return bytes_per_block(config, 1, dtype)
+
+
+def machine_description() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = ""
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value} for the kvthreads_kv_* samples."""
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("kvthreads_kv_"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def _counters(client: httpx.AsyncClient) -> dict[str, float]:
+    response = await client.get("/metrics")
+    return parse_metrics(response.text) if response.status_code == 200 else {}
+
+
+async def _play_mode(
+    workload: Workload, mode: str, url: str, options: SuiteOptions, settings: dict
+) -> RunResult:
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    headers = {"Authorization": f"Bearer {options.api_key}"}
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S, limits=limits
+    ) as client:
+        before = await _counters(client)
+        run = await play(
+            workload,
+            HttpSender(client, temperature=options.temperature),
+            mode=mode,
+            concurrency=options.concurrency_for(workload.profile.name),
+            settings=settings,
+        )
+        after = await _counters(client)
+    counters = {k: after[k] - before.get(k, 0) for k in after if k.endswith("_total")}
+    run.settings["server_counters"] = counters
+    for name in ("evictions", "preemptions"):
+        if f"kvthreads_kv_{name}_total" in counters:
+            run.settings[name] = counters[f"kvthreads_kv_{name}_total"]
+    return run
+
+
+async def _warm_up(url: str, options: SuiteOptions) -> None:
+    """Two short turns on a throwaway thread: lazy imports and first allocations, unmeasured."""
+    workload = build_workload("agent", seed=10_000 + options.seed, scale=0.01, reply_scale=0.1)
+    first = workload.conversations[0]
+    short = replace(workload, conversations=(replace(first, turns=first.turns[:2]),))
+    run = await _play_mode(short, "cache", url, options, {})
+    failed = [r.error for r in run.turns if not r.ok]
+    if failed:
+        raise service.LaunchError(f"warm-up turn on {url} failed: {failed[0]}")
+
+
+def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
+    for name in options.profiles:
+        if name not in PROFILES:
+            raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    workloads = {
+        name: build_workload(
+            name, options.seed, scale=options.scale, reply_scale=options.reply_scale
+        )
+        for name in options.profiles
+    }
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "model": options.model,
+        "device": options.device,
+        "seed": options.seed,
+        "scale": options.scale,
+        "reply_scale": options.reply_scale,
+        "temperature": options.temperature,
+        "profiles": {
+            name: {
+                "description": w.profile.description,
+                "conversations": len(w.conversations),
+                "turns": w.num_turns,
+                "concurrency": options.concurrency_for(name),
+            }
+            for name, w in workloads.items()
+        },
+    }
+    with ExitStack() as stack:
+        urls = _service_urls(options, workloads, meta, stack, stamp, log)
+        if options.warmup:
+            for url in {u for by_mode in urls.values() for u in by_mode.values()}:
+                asyncio.run(_warm_up(url, options))
+        pairs = []
+        for name, workload in workloads.items():
+            runs = {}
+            for mode in MODES:
+                log(f"bench: {name} / {mode}: {workload.num_turns} turns ...", flush=True)
+                settings = dict(meta.get("services", {}).get(_pool_of(name), {}).get(mode, {}))
+                runs[mode] = asyncio.run(
+                    _play_mode(workload, mode, urls[_pool_of(name)][mode], options, settings)
+                )
+                log(f"bench: {name} / {mode}: done in {runs[mode].wall_s:.1f} s", flush=True)
+            pairs.append((runs["cache"], runs["recompute"]))
+            log("\n" + format_profile(*pairs[-1]) + "\n", flush=True)
+    meta["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    json_path = options.out_dir / f"multiturn-{stamp}.json"
+    json_path.write_text(
+        json.dumps(
+            {"meta": meta, "runs": [run.to_json() for pair in pairs for run in pair]}, indent=1
+        )
+    )
+    plot_path = _plot(pairs, options, meta, stamp)
+    return SuiteResult(meta=meta, pairs=pairs, json_path=json_path, plot_path=plot_path)
+
+
+def _pool_of(profile: str) -> str:
+    return "pressure" if profile == "pressure" else "resident"
+
+
+def _service_urls(
+    options: SuiteOptions,
+    workloads: dict[str, Workload],
+    meta: dict,
+    stack: ExitStack,
+    stamp: str,
+    log,
+) -> dict[str, dict[str, str]]:
+    """pool -> mode -> base URL: the running services given, or instances started here."""
+    pools = sorted({_pool_of(name) for name in workloads})
+    if options.urls:
+        if not options.api_key:
+            raise ValueError("with service URLs, give the API key too (--api-key)")
+        meta["services"] = {
+            pool: {m: {"url": u} for m, u in options.urls.items()} for pool in pools
+        }
+        return {pool: dict(options.urls) for pool in pools}
+
+    per_token = model_kv_bytes_per_token(options.model, options.device)
+    pool_mb = {}
+    resident = [w for name, w in workloads.items() if _pool_of(name) == "resident"]
+    if resident:
+        tokens = sizing.resident_pool_tokens(resident)
+        pool_mb["resident"] = options.kv_cache_mb or sizing.pool_mb(tokens, per_token)
+    if "pressure" in workloads:
+        tokens = sizing.pressure_pool_tokens(
+            workloads["pressure"], options.concurrency_for("pressure"), PRESSURE_POOL_FRACTION
+        )
+        pool_mb["pressure"] = options.pressure_kv_cache_mb or sizing.pool_mb(tokens, per_token)
+        meta["pressure_live_history_tokens"] = sizing.live_tokens(workloads["pressure"])
+    meta["kv_bytes_per_token"] = per_token
+
+    database_url = stack.enter_context(service.database(options.database_url))
+    options.api_key = service.prepare_database(database_url)
+    instances: dict[str, dict[str, service.ServiceInstance]] = {}
+    meta["services"] = {}
+    for pool in pools:
+        instances[pool], meta["services"][pool] = {}, {}
+        for mode in MODES:
+            settings = {
+                "KVTHREADS_MODEL": options.model,
+                "KVTHREADS_DEVICE": options.device,
+                "KVTHREADS_RESIDENCY": "on" if mode == "cache" else "off",
+                "KVTHREADS_KV_CACHE_MB": str(pool_mb[pool]),
+                "KVTHREADS_LOG_LEVEL": "warning",
+            }
+            if options.max_batch_tokens:
+                settings["KVTHREADS_MAX_BATCH_TOKENS"] = str(options.max_batch_tokens)
+            instances[pool][mode] = service.ServiceInstance(
+                name=f"{mode}-{pool}",
+                settings=settings,
+                database_url=database_url,
+                log_path=options.out_dir / f"multiturn-{stamp}-{mode}-{pool}.log",
+            )
+            meta["services"][pool][mode] = dict(settings)
+    everything = [i for by_mode in instances.values() for i in by_mode.values()]
+    log(
+        f"bench: starting {len(everything)} service instances "
+        f"({', '.join(f'{p} pool {mb} MB' for p, mb in pool_mb.items())}) ...",
+        flush=True,
+    )
+    stack.enter_context(service.running(everything))
+    return {
+        pool: {mode: i.url for mode, i in by_mode.items()} for pool, by_mode in instances.items()
+    }
+
+
+def _plot(pairs, options: SuiteOptions, meta: dict, stamp: str) -> Path | None:
+    from bench.multiturn.plots import plot_runs
+
+    machine = meta["machine"]
+    title = (
+        f"kvthreads multi-turn benchmark: {options.model} on {options.device} "
+        f"({machine['cpu']}, {machine['cores']} cores), cache vs recompute"
+    )
+    path = plot_runs(pairs, options.out_dir / f"multiturn-{stamp}.png", title=title)
+    if options.plot_copy is not None:
+        plot_runs(pairs, options.plot_copy, title=title, dpi=70)
+    return path
+
+
+def criteria_lines(pairs: list[tuple[RunResult, RunResult]]) -> list[str]:
+    """The issue's bar: TTFT speedup for turns >= LATE_TURN (chat 5x, long 10x) and exact fresh
+    tokens in cache mode, as PASS/FAIL lines."""
+    lines = []
+    for cache, recompute in pairs:
+        c_sum, r_sum = summarize(cache), summarize(recompute)
+        target = TARGET_SPEEDUP.get(cache.profile)
+        if target is not None:
+            gain = (
+                r_sum.late_ttft_p50 / c_sum.late_ttft_p50
+                if c_sum.late_ttft_p50 > 0
+                else float("nan")
+            )
+            verdict = "PASS" if gain >= target else "FAIL"
+            lines.append(
+                f"{verdict}  {cache.profile}: TTFT p50 at turns >= {LATE_TURN} is {gain:.1f}x "
+                f"lower with the cache (bar: {target:.0f}x)"
+            )
+        check = c_sum.fresh_check
+        verdict = "PASS" if check.ok else "FAIL"
+        lines.append(
+            f"{verdict}  {cache.profile}: cache-mode fresh tokens == new tokens on "
+            f"{check.matched}/{check.checked} turns"
+        )
+    return lines
+
+
+def summary_text(result: SuiteResult) -> str:
+    machine = result.meta["machine"]
+    head = (
+        f"kvthreads multi-turn benchmark: model {result.meta['model']} on {result.meta['device']}"
+        f" ({machine['cpu']}, {machine['cores']} cores), seed {result.meta['seed']}, "
+        f"scale {result.meta['scale']}, reply scale {result.meta['reply_scale']}"
+    )
+    return "\n".join([head, "", format_summary(result.pairs), "", *criteria_lines(result.pairs)])

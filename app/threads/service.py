@@ -15,7 +15,7 @@ from app.threads.cursor import decode_cursor, encode_cursor
 from app.threads.errors import ThreadNotFound
 from app.threads.ports import ModelRuntime
 from app.threads.text import reject_nul
-from app.threads.turn_lock import TurnLocks
+from app.threads.turn_lock import TurnLocks, session_on
 from app.threads.views import message_view, thread_view
 
 MAX_PAGE = 100
@@ -101,8 +101,8 @@ class ThreadService:
             if await store.get_thread(session, account_id, thread_id) is None:
                 raise ThreadNotFound(thread_id)
         # Under the turn lock: a thread is not deleted under a turn in flight (409 instead).
-        async with self._locks.hold(thread_id):
-            async with self._sessions.begin() as session:
+        async with self._locks.hold(thread_id) as conn:
+            async with session_on(conn) as session, session.begin():
                 if not await store.delete_thread(session, account_id, thread_id):
                     raise ThreadNotFound(thread_id)
             self._runtime.engine.forget_thread(thread_id)

@@ -27,7 +27,7 @@ from decimal import Decimal
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.billing.prices import PriceBook
 from app.db import ids, models
@@ -46,7 +46,7 @@ from app.threads.ports import ModelRuntime
 from app.threads.shield import run_to_completion
 from app.threads.stop_holdback import StopHoldback
 from app.threads.text import reject_nul, storable
-from app.threads.turn_lock import TurnLocks
+from app.threads.turn_lock import TurnLocks, session_on
 from app.threads.views import unix_seconds
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,16 @@ class TurnService:
                 raise ThreadNotFound(thread_id)
 
         stack = AsyncExitStack()
-        await stack.enter_async_context(self._locks.hold(thread_id))
+        conn = await stack.enter_async_context(self._locks.hold(thread_id))
         try:
             # Again under the lock: the first request may have finished since the look above.
-            if (replay := await self._replay(account_id, idempotency_key, fingerprint)) is not None:
+            replay = await self._replay(
+                account_id, idempotency_key, fingerprint, lambda: session_on(conn)
+            )
+            if replay is not None:
                 await stack.aclose()
                 return replay
-            async with self._sessions() as session:
+            async with session_on(conn) as session, session.begin():
                 thread = await store.get_thread(session, account_id, thread_id)
                 if thread is None:  # deleted meanwhile
                     raise ThreadNotFound(thread_id)
@@ -143,6 +146,7 @@ class TurnService:
                 params=params,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
+                conn=conn,
                 unlock=stack,
             )
         except BaseException:
@@ -179,10 +183,16 @@ class TurnService:
             stop=tuple(request.stop),
         )
 
-    async def _replay(self, account_id: str, key: str | None, fingerprint: str) -> Replayed | None:
+    async def _replay(
+        self,
+        account_id: str,
+        key: str | None,
+        fingerprint: str,
+        sessions: Callable[[], AsyncSession] | None = None,
+    ) -> Replayed | None:
         if key is None:
             return None
-        async with self._sessions() as session:
+        async with (sessions or self._sessions)() as session, session.begin():
             row = await store.find_usage_by_idempotency_key(session, account_id, key)
         if row is None:
             return None
@@ -215,7 +225,7 @@ class TurnService:
         )
         miss_reason = None if counts.miss_reason is None else counts.miss_reason.value
         try:
-            async with self._sessions.begin() as session:
+            async with session_on(turn.conn) as session, session.begin():
                 thread = await store.get_thread(
                     session, turn.account_id, turn.thread_id, for_update=True
                 )
@@ -318,6 +328,7 @@ class Turn:
         params: SamplingParams,
         idempotency_key: str | None,
         fingerprint: str,
+        conn: AsyncConnection,
         unlock: AsyncExitStack,
     ) -> None:
         self._service = service
@@ -330,6 +341,7 @@ class Turn:
         self.params = params
         self.idempotency_key = idempotency_key
         self.fingerprint = fingerprint
+        self.conn = conn  # holds the thread's lock; the turn's reads and write run on it
         self._unlock = unlock
         self._finished = False  # the engine sent its FinishEvent: commit or rollback is ours
         self._settled = False  # commit_turn or rollback_turn was called

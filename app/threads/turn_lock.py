@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app.threads.errors import ThreadBusy
 from app.threads.shield import run_to_completion
@@ -38,8 +38,13 @@ class TurnLocks:
         return thread_id in self._in_flight
 
     @asynccontextmanager
-    async def hold(self, thread_id: str) -> AsyncIterator[None]:
-        """Hold the thread's turn lock for the block, or raise ThreadBusy at once."""
+    async def hold(self, thread_id: str) -> AsyncIterator[AsyncConnection]:
+        """Hold the thread's turn lock for the block, or raise ThreadBusy at once.
+
+        Yields the connection that holds the lock, outside any transaction: the turn does its
+        reads and its one write transaction on it (see `session_on`), so a turn never needs a
+        second pooled connection while it holds one, and a full pool cannot deadlock turns.
+        """
         if thread_id in self._in_flight:
             raise ThreadBusy(thread_id)
         self._in_flight.add(thread_id)
@@ -60,12 +65,18 @@ class TurnLocks:
                     await run_to_completion(try_lock())
                     if not locked:
                         raise ThreadBusy(thread_id)
-                    yield
+                    yield conn
                 finally:
                     if locked:
                         await _unlock(conn, key)
         finally:
             self._in_flight.discard(thread_id)
+
+
+def session_on(conn: AsyncConnection) -> AsyncSession:
+    """A session on the turn's own connection; use as `async with session_on(c) as s, s.begin()`
+    (the connection must be outside a transaction, so that the session's commit is a real one)."""
+    return AsyncSession(bind=conn, expire_on_commit=False)
 
 
 async def _unlock(conn: AsyncConnection, key: int) -> None:

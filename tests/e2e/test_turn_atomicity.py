@@ -254,3 +254,21 @@ async def test_one_idempotency_key_on_two_threads_at_once_bills_one_turn(
     assert engine.commits == 1 and engine.rollbacks == 1 and not engine.pinned
     counts = [(await client.get(f"/v1/threads/{t}")).json()["message_count"] for t in (one, two)]
     assert sorted(counts) == [1, 3]  # the loser wrote nothing
+
+
+async def test_more_turns_in_flight_than_pooled_connections_all_finish(open_live, new_key):
+    # A turn holds exactly one connection (its lock's) and does its reads and its write on it,
+    # so turns waiting for the pool never block turns that hold one (20 = pool size + overflow).
+    engine = FakeEngine()
+    client = await open_live(fake_runtime(engine))
+    client.headers["Authorization"] = f"Bearer {await new_key()}"
+    threads = [await _thread(client) for _ in range(24)]
+    engine.gate.clear()
+    turns = [
+        asyncio.create_task(client.post(f"/v1/threads/{t}/messages", json={"content": "hi"}))
+        for t in threads
+    ]
+    await _wait_until(lambda: len(engine.pinned) == 20)
+    engine.gate.set()
+    assert [(await t).status_code for t in turns] == [200] * 24
+    assert engine.commits == 24

@@ -325,3 +325,146 @@ def test_plot_writes_a_png(tmp_path):
     ]
     path = plot_runs([(run_of("cache", cache), run_of("recompute", recompute))], tmp_path / "p.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- pool sizing --------------------------------------------------------------------------------
+
+
+def test_resident_pool_holds_every_conversation_and_pressure_pool_does_not():
+    from bench.multiturn import sizing
+
+    chat = build_workload("chat", seed=0)
+    for c in chat.conversations:
+        log = 1 + sum(t.user_tokens + 3 + t.max_tokens + 1 for t in c.turns)
+        assert sizing.conversation_tokens(c) == log
+    assert sizing.resident_pool_tokens([chat]) >= sizing.live_tokens(chat)
+
+    pressure = build_workload("pressure", seed=0)
+    pool = sizing.pressure_pool_tokens(pressure, concurrency=4, fraction=0.5)
+    assert sizing.in_flight_tokens(pressure, 4) < pool < sizing.live_tokens(pressure)
+    assert sizing.pool_mb(43, 24576) == 2  # 43 tokens of 24 KiB: just over one MiB
+
+
+def test_pressure_pool_refuses_a_workload_that_cannot_evict():
+    from bench.multiturn import sizing
+
+    small = build_workload("pressure", seed=0, scale=0.25)
+    with pytest.raises(ValueError, match="eviction happens"):
+        sizing.pressure_pool_tokens(small, concurrency=4, fraction=0.5)
+    with pytest.raises(ValueError, match="fraction"):
+        sizing.pressure_pool_tokens(small, concurrency=1, fraction=1.5)
+
+
+# ---- the HTTP client ------------------------------------------------------------------------------
+
+
+async def _lines(*lines):
+    for line in lines:
+        yield line
+
+
+def test_sse_parser_follows_the_event_stream_rules():
+    from bench.multiturn.client import iter_sse
+
+    async def collect():
+        stream = _lines(": keep-alive", "event: delta", 'data: {"text": "a"}', "",
+                        "data: line1", "data: line2", "", "event: done", "data: {}")  # fmt: skip
+        return [(e.event, e.data) async for e in iter_sse(stream)]
+
+    assert asyncio.run(collect()) == [
+        ("delta", '{"text": "a"}'),
+        ("message", "line1\nline2"),
+        ("done", "{}"),
+    ]
+
+
+def _sse(*events):
+    return b"".join(
+        b"event: " + name.encode() + b"\ndata: " + json.dumps(data).encode() + b"\n\n"
+        for name, data in events
+    )
+
+
+DONE = {
+    "thread_id": "thr_1",
+    "message": {"finish_reason": "length", "content": "ab"},
+    "usage": {"input_tokens": 80, "cached_tokens": 0, "fresh_tokens": 80, "output_tokens": 2,
+              "cost": "0.0001"},
+    "cache": {"hit": False, "miss_reason": "new_thread"},
+}  # fmt: skip
+
+
+def _send_with(handler):
+    import httpx
+
+    from bench.multiturn.client import HttpSender
+
+    async def go():
+        transport = httpx.MockTransport(handler)
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            conversation = build_workload("chat", seed=0).conversations[0]
+            return await HttpSender(client).send_turn("thr_1", conversation, 1)
+
+    return asyncio.run(go())
+
+
+def test_http_sender_times_the_first_delta_and_reads_usage_from_done():
+    import httpx
+
+    bodies = []
+
+    def handler(request):
+        bodies.append(json.loads(request.content))
+        events = _sse(("delta", {"text": "a"}), ("delta", {"text": "b"}), ("done", DONE))
+        return httpx.Response(200, content=events)
+
+    record = _send_with(handler)
+    assert record.ok and record.ttft_s is not None and record.total_s >= record.ttft_s
+    assert (record.input_tokens, record.fresh_tokens, record.output_tokens) == (80, 80, 2)
+    assert (record.cache_hit, record.miss_reason, record.finish_reason) == (
+        False,
+        "new_thread",
+        "length",
+    )
+    conversation = build_workload("chat", seed=0).conversations[0]
+    assert bodies[0]["stream"] is True and bodies[0]["content"] == user_text(conversation, 1)
+    assert bodies[0]["seed"] == conversation.sampling_seed(1)
+
+
+def test_http_sender_retries_a_busy_thread_and_reports_errors():
+    import httpx
+
+    answers = [
+        httpx.Response(409, json={"error": {"type": "thread_busy", "message": "busy"}}),
+        httpx.Response(200, content=_sse(("delta", {"text": "a"}), ("done", DONE))),
+    ]
+    record = _send_with(lambda request: answers.pop(0))
+    assert record.ok and record.busy_retries == 1
+
+    record = _send_with(
+        lambda request: httpx.Response(413, json={"error": {"type": "too_large", "message": "no"}})
+    )
+    assert record.error == "HTTP 413 too_large: no"
+
+    failed = _sse(("delta", {"text": "a"}), ("error", {"error": {"type": "x", "message": "y"}}))
+    record = _send_with(lambda request: httpx.Response(200, content=failed))
+    assert record.error == "x: y"
+
+    cut = _sse(("delta", {"text": "a"}))
+    record = _send_with(lambda request: httpx.Response(200, content=cut))
+    assert "without its final" in record.error
+
+
+def test_metrics_parser_keeps_the_kv_samples():
+    from bench.multiturn.suite import parse_metrics
+
+    text = (
+        "# HELP kvthreads_kv_evictions_total x\n"
+        "kvthreads_kv_evictions_total 3\n"
+        'kvthreads_kv_misses_total{reason="evicted"} 2\n'
+        "kvthreads_ledger_turns_total 9\n"
+    )
+    assert parse_metrics(text) == {
+        "kvthreads_kv_evictions_total": 3.0,
+        'kvthreads_kv_misses_total{reason="evicted"}': 2.0,
+    }

@@ -9,9 +9,6 @@ API's CSV, and that the page asks nothing of the network. Screenshot: tests/arti
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -19,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from playwright.async_api import async_playwright
 
 from app.asgi import create_app
@@ -27,6 +23,7 @@ from app.billing.prices import UnitPrices
 from app.db.accounts import authenticate
 from tests.billing_ledger import add_turn, new_thread
 from tests.e2e.fake_engine import fake_runtime
+from tests.e2e.live_server import live_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -52,30 +49,12 @@ def _chromium() -> Path:
     pytest.skip(message)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def live_server(settings, fake_engine) -> Iterator[str]:
-    """The app on http://127.0.0.1:<port>, served by uvicorn in a thread of its own. The page
-    runs no turns, so the fake engine stands in for the model."""
-    port = _free_port()
-    app = create_app(settings, fake_runtime(fake_engine))
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=30)
+def server_url(settings, fake_engine) -> Iterator[str]:
+    """The app served by uvicorn on a local port. The page runs no turns, so the fake engine
+    stands in for the model."""
+    with live_server(create_app(settings, fake_runtime(fake_engine))) as server:
+        yield server.url
 
 
 @pytest.fixture
@@ -95,10 +74,10 @@ async def key(db_sessions, new_key) -> str:
     return secret
 
 
-async def test_the_billing_page_in_chromium(live_server, key, tmp_path):
+async def test_the_billing_page_in_chromium(server_url, key, tmp_path):
     executable = _chromium()
     async with httpx.AsyncClient(
-        base_url=live_server, headers={"Authorization": f"Bearer {key}"}
+        base_url=server_url, headers={"Authorization": f"Bearer {key}"}
     ) as api:
         report = (await api.get(f"/v1/billing/report?{RANGE}")).json()
         api_csv = (await api.get(f"/v1/billing/report?{RANGE}&format=csv")).content
@@ -114,7 +93,7 @@ async def test_the_billing_page_in_chromium(live_server, key, tmp_path):
             outside: list[str] = []
 
             async def only_our_server(route):
-                if route.request.url.startswith(live_server):
+                if route.request.url.startswith(server_url):
                     await route.continue_()
                 else:
                     outside.append(route.request.url)
@@ -124,7 +103,7 @@ async def test_the_billing_page_in_chromium(live_server, key, tmp_path):
             page = await context.new_page()
 
             # Sign in once through the form; the cookie carries the session from then on.
-            await page.goto(f"{live_server}/billing")
+            await page.goto(f"{server_url}/billing")
             await page.fill("input[name=api_key]", key)
             async with page.expect_navigation():
                 await page.click("button[type=submit]")
@@ -134,7 +113,7 @@ async def test_the_billing_page_in_chromium(live_server, key, tmp_path):
                 ("kvthreads_billing", True, "Lax")
             ]
 
-            await page.goto(f"{live_server}/billing?{RANGE}")
+            await page.goto(f"{server_url}/billing?{RANGE}")
             groups = page.locator("svg.day-chart g.bar-group")
             assert await groups.count() == len(days_with_turns)
             drawn = await groups.evaluate_all(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention_ref import paged_attention_ref
+from kernels.paged_attention_ref import gather_kv, paged_attention_ref
 from kernels.store_kv_ref import store_kv_ref
 
 
@@ -82,9 +82,54 @@ def paged_attention(
         return padded_decode_attention(
             q, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale
         )
-    return paged_attention_ref(
+    return attention_per_sequence(
         q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q_host, meta.seq_lens_host, scale
     )
+
+
+def attention_per_sequence(
+    q: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: list[int],
+    seq_lens: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """paged_attention_ref's loop over sequences, but a first prefill (no cached prefix) uses
+    SDPA's own causal mask: a materialised [q_len, S] mask sends long prompts to a slow path."""
+    group = q.shape[1] // k_cache.shape[2]
+    out = torch.empty_like(q)
+    for b, seq_len in enumerate(seq_lens):
+        start, end = cu_seqlens_q[b], cu_seqlens_q[b + 1]
+        q_len = end - start
+        if q_len == 0:
+            continue
+        if q_len != seq_len:  # a chunk or a decode on a cached prefix: the reference's mask
+            out[start:end] = paged_attention_ref(
+                q[start:end],
+                k_cache,
+                v_cache,
+                block_tables[b : b + 1],
+                [0, q_len],
+                [seq_len],
+                scale,
+            )
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
+        v = gather_kv(v_cache, block_tables[b], seq_len)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        ob = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).float(),
+            k.transpose(0, 1).float(),
+            v.transpose(0, 1).float(),
+            is_causal=q_len > 1,
+            scale=scale,
+        )
+        out[start:end] = ob.transpose(0, 1).to(q.dtype)
+    return out
 
 
 def padded_decode_attention(

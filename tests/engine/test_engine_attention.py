@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from app.engine.attention import padded_decode_attention
+from app.engine.attention import attention_per_sequence, padded_decode_attention
 from kernels.paged_attention_ref import paged_attention_ref
 
 
@@ -33,4 +33,29 @@ def test_padded_decode_attention_matches_the_reference(num_heads, num_kv_heads):
     slots = slots[:, :max_len]
     mask = (torch.arange(max_len) < torch.tensor(seq_lens).unsqueeze(1))[:, None, None, :]
     got = padded_decode_attention(q, k_cache, v_cache, slots, mask, scale)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_per_sequence_cpu_path_matches_the_reference():
+    """Fresh prefills (causal fast path), chunks on cached prefixes and decodes, mixed."""
+    gen = torch.Generator().manual_seed(5)
+    num_blocks, block_size, num_heads, num_kv_heads, head_dim = 40, 4, 6, 2, 8
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    seq_lens = [9, 13, 1, 7, 22]
+    q_lens = [9, 5, 1, 1, 22]  # fresh, chunk on 8 cached, single-token fresh, decode, fresh
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, at = [], 0
+    for n in seq_lens:
+        nb = -(-n // block_size)
+        tables.append(perm[at : at + nb])
+        at += nb
+    max_blocks = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables])
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    q = torch.randn(cu[-1], num_heads, head_dim, generator=gen)
+    expected = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
+    got = attention_per_sequence(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

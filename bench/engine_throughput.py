@@ -1,0 +1,189 @@
+"""Prefill and decode throughput of the engine versus transformers, on the same weights.
+
+    .venv/bin/python -m bench.engine_throughput [--prompt-len 256] [--new-tokens 64] [--batch 1 8]
+
+The model is the benchmark-size built-in (`builtin-bench-random`: hidden 768, 12 layers, 12 heads,
+4 KV heads, 83M parameters); transformers' LlamaForCausalLM gets its state dict. Per batch size,
+both sides run the same random prompts (all of one length, so transformers needs no padding):
+
+    prefill tokens/s = batch * prompt_len / time to the first token of every sequence
+    decode tokens/s  = batch * (new_tokens - 1) / time of the remaining tokens
+
+Transformers' prefill is `generate(max_new_tokens=1)`; its decode time is a full `generate`
+minus that. The best of --repeats runs counts (the machine is shared and noisy). Prints a table
+and writes bench/out/engine_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from app.engine.engine import LLMEngine
+from app.engine.loader import resolve_model
+from app.engine.model import CausalLM
+from app.engine.types import FinishEvent, SamplingParams
+
+MODEL_NAME = "builtin-bench-random"
+OUT = Path(__file__).parent / "out" / "engine_throughput.json"
+
+
+def hf_twin(model: CausalLM):
+    """transformers' LlamaForCausalLM with the same weights."""
+    import transformers
+
+    c = model.config
+    hf_config = transformers.LlamaConfig(
+        vocab_size=c.vocab_size,
+        hidden_size=c.hidden_size,
+        intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim,
+        max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.rms_norm_eps,
+        rope_theta=c.rope_theta,
+        tie_word_embeddings=c.tie_word_embeddings,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any("rotary" not in name for name in missing):
+        raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
+    return hf
+
+
+def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds) of one batched greedy generate."""
+    mask = torch.ones_like(prompts)
+    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        out = hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        total = time.perf_counter() - start
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return prefill, total - prefill
+
+
+def time_engine(model: CausalLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds): one step prefills the whole batch, then decodes."""
+    batch, prompt_len = prompts.shape
+    engine = LLMEngine(
+        model,
+        kv_cache_mb=256,
+        block_size=16,
+        max_batch_tokens=batch * prompt_len,
+        max_num_seqs=batch,
+        residency=False,
+    )
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    for i, row in enumerate(prompts.tolist()):
+        engine.add_request(f"t{i}", [], row, params, first_turn=True)
+    start = time.perf_counter()
+    outputs = engine.step()
+    prefill = time.perf_counter() - start
+    assert len(outputs) == batch, "the whole batch must prefill in one step"
+    finished = 0
+    start = time.perf_counter()
+    while engine.has_unfinished():
+        for out in engine.step():
+            finished += any(isinstance(e, FinishEvent) for e in out.events)
+    decode = time.perf_counter() - start
+    assert finished == batch
+    return prefill, decode
+
+
+def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
+    return min(r[0] for r in runs), min(r[1] for r in runs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    loaded = resolve_model(MODEL_NAME, device="cpu", dtype=torch.float32)
+    model = loaded.model
+    hf = hf_twin(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(0)
+
+    rows = []
+    for batch in args.batch:
+        prompts = torch.randint(0, model.config.vocab_size, (batch, args.prompt_len), generator=gen)
+        # Warm up both (allocator, thread pools), then take the best of the repeats.
+        time_engine(model, prompts[:, :32], 4)
+        time_hf(hf, prompts[:, :32], 4)
+        engine_runs, hf_runs = [], []
+        for _ in range(args.repeats):
+            engine_runs.append(time_engine(model, prompts, args.new_tokens))
+            hf_runs.append(time_hf(hf, prompts, args.new_tokens))
+        (e_pre, e_dec), (h_pre, h_dec) = best(engine_runs), best(hf_runs)
+        prefill_tokens = batch * args.prompt_len
+        decode_tokens = batch * (args.new_tokens - 1)
+        rows.append(
+            {
+                "batch": batch,
+                "engine_prefill_tok_s": prefill_tokens / e_pre,
+                "hf_prefill_tok_s": prefill_tokens / h_pre,
+                "engine_decode_tok_s": decode_tokens / e_dec,
+                "hf_decode_tok_s": decode_tokens / h_dec,
+            }
+        )
+
+    print(
+        f"{MODEL_NAME} ({num_params / 1e6:.0f}M params, float32, CPU, "
+        f"{torch.get_num_threads()} threads); prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, best of {args.repeats}"
+    )
+    header = (
+        f"{'batch':>5} | {'prefill tok/s':>26} | {'decode tok/s':>26}\n"
+        f"{'':>5} | {'engine':>8} {'hf':>8} {'ratio':>8} | {'engine':>8} {'hf':>8} {'ratio':>8}"
+    )
+    print(header)
+    for r in rows:
+        print(
+            f"{r['batch']:>5} | {r['engine_prefill_tok_s']:>8.0f} {r['hf_prefill_tok_s']:>8.0f} "
+            f"{r['engine_prefill_tok_s'] / r['hf_prefill_tok_s']:>7.2f}x | "
+            f"{r['engine_decode_tok_s']:>8.1f} {r['hf_decode_tok_s']:>8.1f} "
+            f"{r['engine_decode_tok_s'] / r['hf_decode_tok_s']:>7.2f}x"
+        )
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(
+        json.dumps(
+            {
+                "model": MODEL_NAME,
+                "num_params": num_params,
+                "dtype": "float32",
+                "device": "cpu",
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "rows": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,8 @@
 """The billing report: one account's turns over a range of UTC days, grouped by day, thread or model.
 
-Everything is summed in Postgres (numeric, exact) in one query: `GROUP BY ROLLUP(key)` gives the
-groups and the grand total together, so the totals are computed independently of the groups.
-Costs come from each ledger row's own stored prices, so a price change never rewrites old bills:
+Every group is summed in Postgres (numeric, exact) in one `GROUP BY` query; the totals are the
+exact sum of the groups (Decimal, with room for any numeric(20, 10) total). Costs come from each
+ledger row's own stored prices, so a price change never rewrites old bills:
 
     cost               = sum(cost)                 (stored per turn when it was billed)
     cost_without_cache = sum(input_tokens * price_fresh_input + output_tokens * price_output) / 1e6
@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from enum import StrEnum
 
 from sqlalchemy import Date, cast, func, literal, select
@@ -27,6 +27,9 @@ from app.db.models import UsageRecord
 
 PER_MILLION = Decimal("0.000001")  # multiplying by it is exact in numeric; dividing may round
 DEFAULT_RANGE_DAYS = 30
+# Decimal's default 28 digits could round a large total; numeric(20, 10) sums of up to 10^20
+# rows fit in 50.
+EXACT_DIGITS = 50
 MAX_DAY_ROWS = 3660  # about ten years of daily rows; longer ranges must group by thread or model
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -104,6 +107,18 @@ class UsageSums:
     def saved(self) -> Decimal:
         return self.cost_without_cache - self.cost
 
+    def __add__(self, other: UsageSums) -> UsageSums:
+        with localcontext(prec=EXACT_DIGITS):
+            return UsageSums(
+                self.turns + other.turns,
+                self.input_tokens + other.input_tokens,
+                self.cached_tokens + other.cached_tokens,
+                self.fresh_tokens + other.fresh_tokens,
+                self.output_tokens + other.output_tokens,
+                self.cost + other.cost,
+                self.cost_without_cache + other.cost_without_cache,
+            )
+
     @property
     def cache_hit_ratio(self) -> float | None:
         """cached / input tokens, rounded to 4 places; None when there was no input."""
@@ -146,23 +161,18 @@ async def build_report(
         )
     key = _group_key(group_by).label("key")
     lo, hi = days.bounds()
-
-    def total(value):  # sum() over no rows is NULL: the grand total of an empty range
-        return func.coalesce(func.sum(value), 0)
-
     query = (
         select(
             key,
-            func.grouping(key),  # 1 on the grand total's row
             func.min(UsageRecord.created_at),
             # UsageSums' fields, in order
             func.count(),
-            total(UsageRecord.input_tokens),
-            total(UsageRecord.cached_tokens),
-            total(UsageRecord.fresh_tokens),
-            total(UsageRecord.output_tokens),
-            total(UsageRecord.cost),
-            total(
+            func.sum(UsageRecord.input_tokens),
+            func.sum(UsageRecord.cached_tokens),
+            func.sum(UsageRecord.fresh_tokens),
+            func.sum(UsageRecord.output_tokens),
+            func.sum(UsageRecord.cost),
+            func.sum(
                 UsageRecord.input_tokens * UsageRecord.price_fresh_input
                 + UsageRecord.output_tokens * UsageRecord.price_output
             )
@@ -173,16 +183,13 @@ async def build_report(
             UsageRecord.created_at >= lo,
             UsageRecord.created_at < hi,
         )
-        .group_by(func.rollup(key))
+        .group_by(key)
     )
-    totals = ZERO_SUMS
-    groups: list[tuple[object, datetime, UsageSums]] = []
-    for k, is_total, first_turn, *values in await session.execute(query):
-        sums = UsageSums(*values)
-        if is_total:
-            totals = sums
-        else:
-            groups.append((k, first_turn, sums))
+    groups = [
+        (k, first_turn, UsageSums(*values))
+        for k, first_turn, *values in await session.execute(query)
+    ]
+    totals = sum((sums for _, _, sums in groups), ZERO_SUMS)
     return Report(days, group_by, _ordered_rows(group_by, days, groups), totals)
 
 

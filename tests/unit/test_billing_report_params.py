@@ -1,10 +1,12 @@
-"""The report's query values: strict YYYY-MM-DD dates, end inclusive, start <= end."""
+"""The report's query values (strict YYYY-MM-DD dates, end inclusive, start <= end) and its
+exact sums."""
 
 from datetime import UTC, date, datetime
+from decimal import Decimal, localcontext
 
 import pytest
 
-from app.billing.report import DayRange, GroupBy, ReportError
+from app.billing.report import ZERO_SUMS, DayRange, GroupBy, ReportError, UsageSums
 
 
 def test_a_range_of_utc_days_with_the_end_included():
@@ -43,3 +45,14 @@ def test_group_by():
     assert GroupBy.parse("thread") is GroupBy.THREAD
     with pytest.raises(ReportError, match="group_by must be one of day, thread, model"):
         GroupBy.parse("week")
+
+
+def test_sums_add_up_exactly_beyond_decimals_default_28_digits():
+    # A group's sum from Postgres can outgrow numeric(20, 10): here 28 significant digits.
+    cost = Decimal("987654321098765432.0000000001")
+    big = UsageSums(1, 3, 2, 1, 1, cost, cost)
+    total = sum([big] * 3, ZERO_SUMS)
+    assert total.cost == Decimal("2962962963296296296.0000000003")  # 29 digits
+    assert (total.turns, total.input_tokens, total.cached_tokens) == (3, 9, 6)
+    with localcontext(prec=28):  # Decimal's default context would have rounded it
+        assert cost + cost + cost != total.cost

@@ -41,18 +41,8 @@ class IncrementalDetokenizer:
         if self.stopped:
             raise RuntimeError("a stop string already matched")
         self._ids.append(token_id)
-        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._decode(self._ids[self._prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return ""  # an incomplete character: wait for the next token
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(self._ids)
-        search_from = max(0, len(self.text) - self._max_stop_len + 1)
-        self.text += full[len(prefix) :]
-        cut = self._find_stop(search_from)
-        if cut is not None:
-            self.text = self.text[:cut]
-            self.stopped = True
+        self._extend(self._advance(final=False))
+        if self.stopped:
             return self.flush()
         safe = len(self.text) - self._held_back()
         piece = self.text[self._num_emitted : safe]
@@ -60,10 +50,34 @@ class IncrementalDetokenizer:
         return piece
 
     def flush(self) -> str:
-        """Everything not handed out yet (the sequence is finishing)."""
+        """Everything not handed out yet (the sequence is finishing), a trailing partial
+        character included (as U+FFFD)."""
+        if not self.stopped:
+            self._extend(self._advance(final=True))
         piece = self.text[self._num_emitted :]
         self._num_emitted = len(self.text)
         return piece
+
+    def _advance(self, final: bool) -> str:
+        """The text the ids past the read offset complete ("" while a character is partial)."""
+        prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self._ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and not final):
+            return ""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)
+        return full[len(prefix) :]
+
+    def _extend(self, delta: str) -> None:
+        """Append decoded text; on a stop string, cut the text before it."""
+        if not delta:
+            return
+        search_from = max(0, len(self.text) - self._max_stop_len + 1)
+        self.text += delta
+        cut = self._find_stop(search_from)
+        if cut is not None:
+            self.text = self.text[:cut]
+            self.stopped = True
 
     def _find_stop(self, search_from: int) -> int | None:
         hits = [i for s in self._stop if (i := self.text.find(s, search_from)) >= 0]

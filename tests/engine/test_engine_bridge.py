@@ -253,3 +253,44 @@ async def test_shutdown_aborts_turns_in_flight(make_bridge):
     bridge.commit_turn("done")  # settling after shutdown is harmless
     with pytest.raises(EngineClosed):
         bridge.generate("u", [], [1], greedy(1), first_turn=True)
+
+
+async def test_a_chat_with_the_builtin_model_through_the_loader():
+    """The loader's model, tokenizer, chat format and stop ids, wired by from_loaded."""
+    from app.engine.loader import resolve_model
+
+    loaded = resolve_model("builtin-tiny-random", device="cpu")
+    bridge = AsyncEngine.from_loaded(loaded, kv_cache_mb=4, block_size=16)
+    bridge.start()
+    try:
+        chat = loaded.chat_format
+        history: list[int] = []
+        new = chat.start("Be brief.") + chat.user_turn("Hello there")
+        params = SamplingParams(max_tokens=12, temperature=0.7, seed=3)
+        expected_cached = None
+        for turn in range(3):
+            tokens, finish = await collect(
+                bridge.generate("chat", history, new, params, first_turn=turn == 0)
+            )
+            bridge.commit_turn("chat")
+            assert finish.text == "".join(t.text for t in tokens)
+            if finish.finish_reason == "stop":
+                assert finish.token_ids[-1] in loaded.stop_token_ids
+            else:
+                assert len(finish.token_ids) == 12
+            assert finish.text == loaded.tokenizer.decode(
+                [i for i in finish.token_ids if i not in loaded.stop_token_ids]
+            )
+            if expected_cached is not None:
+                assert finish.counts.cached_tokens == expected_cached
+                assert finish.counts.miss_reason is None
+            prompt = history + new
+            history = (
+                prompt
+                + finish.token_ids
+                + chat.assistant_end(finish.token_ids, finish.finish_reason)
+            )
+            expected_cached = len(prompt) + len(finish.token_ids) - 1
+            new = chat.user_turn(f"And turn {turn + 2}?")
+    finally:
+        bridge.shutdown()

@@ -71,3 +71,11 @@ def test_the_earliest_stop_string_wins_even_across_tokens():
 def test_empty_stop_strings_are_refused():
     with pytest.raises(ValueError):
         IncrementalDetokenizer(byte_decode, [], ("",))
+
+
+def test_a_trailing_partial_character_comes_out_at_the_end():
+    detok = IncrementalDetokenizer(byte_decode, [], ())
+    pieces = stream(detok, [104, 105, 0xE2, 0x82])  # "hi" + 2 of the 3 bytes of "€"
+    assert "".join(pieces) == "hi"
+    assert detok.flush() == "\ufffd"
+    assert detok.text == byte_decode([104, 105, 0xE2, 0x82])

@@ -20,10 +20,10 @@ thread back by itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class MissReason(str, Enum):
+class MissReason(StrEnum):
     """Why a turn found less of its history in the cache than it could have."""
 
     NEW_THREAD = "new_thread"  # the thread has no history yet

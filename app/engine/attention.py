@@ -32,10 +32,10 @@ class AttentionMetadata:
     max_seqlen_k: int
     cu_seqlens_q_host: list[int]
     seq_lens_host: list[int]
-    # CPU fast path for a step of decodes only (one query per sequence): every sequence's KV
-    # slots padded to the longest, and which of them are real. None: use the reference.
-    decode_slots: torch.Tensor | None = None  # [B, S] int64
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, S] bool
+    # CPU fast path for a step of decodes only (one query per sequence): every sequence's
+    # blocks padded to the longest table, and which key positions are real. None: no fast path.
+    decode_blocks: torch.Tensor | None = None  # [B, M] int64
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, M * block_size] bool
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -78,9 +78,9 @@ def paged_attention(
             max_seqlen_q=meta.max_seqlen_q,
             max_seqlen_k=meta.max_seqlen_k,
         )
-    if meta.decode_slots is not None:
+    if meta.decode_blocks is not None:
         return padded_decode_attention(
-            q, k_cache, v_cache, meta.decode_slots, meta.decode_mask, scale
+            q, k_cache, v_cache, meta.decode_blocks, meta.decode_mask, scale
         )
     return attention_per_sequence(
         q, k_cache, v_cache, meta.block_tables, meta.cu_seqlens_q_host, meta.seq_lens_host, scale
@@ -136,19 +136,18 @@ def padded_decode_attention(
     q: torch.Tensor,  # [B, Hq, D], one query per sequence
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
     v_cache: torch.Tensor,
-    slots: torch.Tensor,  # [B, S] pool slots of each sequence's keys, padded
-    mask: torch.Tensor,  # [B, 1, 1, S] True for real keys
+    blocks: torch.Tensor,  # [B, M] each sequence's block table, padded
+    mask: torch.Tensor,  # [B, 1, 1, M * bs] True for the keys below each sequence's length
     scale: float,
 ) -> torch.Tensor:
     """Decode attention of the whole batch in one SDPA instead of a loop over sequences: the
-    same result as paged_attention_ref with every q_len 1. Returns [B, Hq, D]."""
+    same result as paged_attention_ref with every q_len 1. Whole blocks are gathered (one copy
+    per block, not per token); the mask hides their tail and the padding. Returns [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
-    flat = slots.reshape(-1)
-    k = k_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
-    v = v_cache.view(-1, num_kv_heads, head_dim).index_select(0, flat)
-    k = k.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)  # [B, Hkv, S, D]
-    v = v.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    flat = blocks.reshape(-1)
+    k = k_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    v = v_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     # The query heads sharing a KV head stand in as that head's query rows: no repeat of K/V.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(

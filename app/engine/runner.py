@@ -99,9 +99,9 @@ class ModelRunner:
             seq_lens_host=seq_lens,
         )
         if not self._is_cuda and max(batch.num_new_tokens) == 1:
-            meta.decode_slots, meta.decode_mask = self._padded_decode_slots(
-                block_tables, seq_lens_t, max(seq_lens)
-            )
+            meta.decode_blocks = block_tables.long()
+            key_positions = torch.arange(max_blocks * bs)
+            meta.decode_mask = (key_positions < seq_lens_t.unsqueeze(1))[:, None, None, :]
         return PreparedBatch(
             input_ids=self._tensor(input_ids, torch.int64),
             positions=self._tensor(positions, torch.int64),
@@ -109,16 +109,6 @@ class ModelRunner:
             sample_rows=self._tensor(sample_rows, torch.int64),
             sample_seq_index=sample_seq_index,
         )
-
-    def _padded_decode_slots(
-        self, block_tables: torch.Tensor, seq_lens: torch.Tensor, max_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        bs = self.block_size
-        offsets = torch.arange(bs, device=self.device)
-        slots = block_tables.long().unsqueeze(2) * bs + offsets  # [B, M, bs]
-        slots = slots.flatten(1)[:, :max_len]  # [B, S]
-        mask = torch.arange(max_len, device=self.device) < seq_lens.unsqueeze(1)
-        return slots, mask[:, None, None, :]
 
     @torch.inference_mode()
     def run(self, prepared: PreparedBatch) -> torch.Tensor:

@@ -28,11 +28,9 @@ def test_padded_decode_attention_matches_the_reference(num_heads, num_kv_heads):
     expected = paged_attention_ref(
         q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, scale
     )
-    max_len = max(seq_lens)
-    slots = (block_tables.long().unsqueeze(2) * block_size + torch.arange(block_size)).flatten(1)
-    slots = slots[:, :max_len]
-    mask = (torch.arange(max_len) < torch.tensor(seq_lens).unsqueeze(1))[:, None, None, :]
-    got = padded_decode_attention(q, k_cache, v_cache, slots, mask, scale)
+    key_positions = torch.arange(max_blocks * block_size)
+    mask = (key_positions < torch.tensor(seq_lens).unsqueeze(1))[:, None, None, :]
+    got = padded_decode_attention(q, k_cache, v_cache, block_tables, mask, scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 

@@ -84,7 +84,10 @@ class LLMEngine:
         if num_blocks is None:
             num_blocks = num_blocks_for_budget(config, block_size, self.dtype, kv_cache_mb)
         self.config = config
-        self.max_model_len = max_model_len or config.max_position_embeddings
+        # Never past the rope tables, whatever the caller's context limit says.
+        self.max_model_len = min(
+            max_model_len or config.max_position_embeddings, config.max_position_embeddings
+        )
         self.stop_token_ids = frozenset(stop_token_ids)
         self.decode = decode
         self.check_invariants = check_invariants

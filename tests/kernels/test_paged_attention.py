@@ -97,6 +97,10 @@ def test_many_sequences():
     _check(build_paged_batch(seqs, 4, 2, 16, 16, torch.float16, seed=6))
 
 
+def test_single_sequence_chunk_on_prefix():
+    _check(build_paged_batch([(40, 9)], 4, 2, 64, 16, torch.float16, seed=10))
+
+
 def test_sequence_without_new_tokens_is_skipped():
     batch = build_paged_batch([(5, 3), (20, 0), (0, 4)], 4, 2, 16, 16, torch.float32, seed=7)
     _check(batch)

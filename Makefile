@@ -11,7 +11,7 @@ LINT_PATHS := app kernels tests bench migrations
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium db db-stop db-url migrate run test lint format
+.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,3 +55,6 @@ lint: setup ## ruff check and format check
 format: setup ## ruff format and the safe fixes
 	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+bench: setup ## the multi-turn benchmark, cache vs recompute over HTTP (~10 min on 2 cores; BENCH_ARGS=...)
+	$(PY) -m bench.multiturn $(BENCH_ARGS)

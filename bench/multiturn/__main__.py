@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(PROFILES),
         help=f"comma-separated, from {', '.join(PROFILES)} (default: all)",
     )
+    parser.add_argument(
+        "--sizes",
+        choices=("cpu", "full"),
+        default="cpu",
+        help="cpu: fewer conversations and shorter `long` documents, to fit "
+        "ten minutes on two cores (default); full: the issue's sizes",
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
     parser.add_argument(
         "--scale",
@@ -146,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     options = SuiteOptions(
         profiles=args.profiles,
+        full_sizes=args.sizes == "full",
         seed=args.seed,
         scale=args.scale,
         reply_scale=args.reply_scale,

@@ -24,17 +24,32 @@ import httpx
 from bench.multiturn import service, sizing
 from bench.multiturn.client import HttpSender
 from bench.multiturn.driver import play
+from bench.multiturn.ledger import attach_server_timings
 from bench.multiturn.records import MODES, RunResult
 from bench.multiturn.report import LATE_TURN, format_profile, format_summary, summarize
-from bench.multiturn.workloads import PROFILES, Workload, build_workload
+from bench.multiturn.workloads import PROFILES, Profile, Span, Workload, build_workload
 
 # CPU defaults: sized so that `make bench` (both modes, four profiles, the bench-size model on
-# two cores) ends within ten minutes. Replies are shortened (REPLY_SCALE) because decoding is
-# the slow part on a CPU and the figures that matter (TTFT per turn, fresh tokens) depend on
-# replies only through the history they add.
+# two cores) ends within ten minutes. The shapes are the issue's; there are fewer conversations,
+# `long` pastes shorter documents (recompute prefills the whole document again every turn, at a
+# few hundred tokens/s), and replies are shortened (DEFAULT_REPLY_SCALE) because decoding is the
+# slow part on a CPU; the figures that matter (TTFT per turn, fresh tokens) depend on replies only
+# through the history they add. `--sizes full` plays PROFILES as the issue states them.
 DEFAULT_MODEL = "builtin-bench-random"
-DEFAULT_CONCURRENCY = {"chat": 4, "long": 2, "agent": 4, "pressure": 4}
-DEFAULT_REPLY_SCALE = 0.25
+CPU_PROFILES: dict[str, Profile] = {
+    "chat": replace(PROFILES["chat"], num_conversations=6),
+    "long": replace(
+        PROFILES["long"],
+        num_conversations=2,
+        num_turns=Span(4, 5, 4),
+        first_user_tokens=Span(2000, 3000, 2400),
+        description="a 2,000-3,000 token document, then short turns (CPU size)",
+    ),
+    "agent": replace(PROFILES["agent"], num_conversations=2, num_turns=Span(10, 12, 11)),
+    "pressure": replace(PROFILES["pressure"], num_conversations=12),
+}
+DEFAULT_CONCURRENCY = {"chat": 3, "long": 2, "agent": 2, "pressure": 4}
+DEFAULT_REPLY_SCALE = 0.5
 PRESSURE_POOL_FRACTION = 0.5
 TARGET_SPEEDUP = {"chat": 5.0, "long": 10.0}  # the issue's bar for turns >= LATE_TURN
 REQUEST_TIMEOUT_S = 900
@@ -43,6 +58,7 @@ REQUEST_TIMEOUT_S = 900
 @dataclass
 class SuiteOptions:
     profiles: list[str] = field(default_factory=lambda: list(PROFILES))
+    full_sizes: bool = False  # PROFILES as the issue states them, not CPU_PROFILES
     seed: int = 0
     scale: float = 1.0
     reply_scale: float = DEFAULT_REPLY_SCALE
@@ -178,9 +194,10 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
     for name in options.profiles:
         if name not in PROFILES:
             raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    sized = PROFILES if options.full_sizes else CPU_PROFILES
     workloads = {
         name: build_workload(
-            name, options.seed, scale=options.scale, reply_scale=options.reply_scale
+            sized[name], options.seed, scale=options.scale, reply_scale=options.reply_scale
         )
         for name in options.profiles
     }
@@ -194,6 +211,7 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
         "seed": options.seed,
         "scale": options.scale,
         "reply_scale": options.reply_scale,
+        "sizes": "full" if options.full_sizes else "cpu",
         "temperature": options.temperature,
         "profiles": {
             name: {
@@ -206,7 +224,7 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
         },
     }
     with ExitStack() as stack:
-        urls = _service_urls(options, workloads, meta, stack, stamp, log)
+        urls, database_url = _service_urls(options, workloads, meta, stack, stamp, log)
         if options.warmup:
             for url in {u for by_mode in urls.values() for u in by_mode.values()}:
                 asyncio.run(_warm_up(url, options))
@@ -219,6 +237,8 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
                 runs[mode] = asyncio.run(
                     _play_mode(workload, mode, urls[_pool_of(name)][mode], options, settings)
                 )
+                if database_url:
+                    asyncio.run(attach_server_timings(database_url, runs[mode]))
                 log(f"bench: {name} / {mode}: done in {runs[mode].wall_s:.1f} s", flush=True)
             pairs.append((runs["cache"], runs["recompute"]))
             log("\n" + format_profile(*pairs[-1]) + "\n", flush=True)
@@ -244,8 +264,9 @@ def _service_urls(
     stack: ExitStack,
     stamp: str,
     log,
-) -> dict[str, dict[str, str]]:
-    """pool -> mode -> base URL: the running services given, or instances started here."""
+) -> tuple[dict[str, dict[str, str]], str | None]:
+    """pool -> mode -> base URL (the running services given, or instances started here), and
+    the database URL when the benchmark can read the ledger."""
     pools = sorted({_pool_of(name) for name in workloads})
     if options.urls:
         if not options.api_key:
@@ -253,7 +274,7 @@ def _service_urls(
         meta["services"] = {
             pool: {m: {"url": u} for m, u in options.urls.items()} for pool in pools
         }
-        return {pool: dict(options.urls) for pool in pools}
+        return {pool: dict(options.urls) for pool in pools}, options.database_url
 
     per_token = model_kv_bytes_per_token(options.model, options.device)
     pool_mb = {}
@@ -299,9 +320,8 @@ def _service_urls(
         flush=True,
     )
     stack.enter_context(service.running(everything))
-    return {
-        pool: {mode: i.url for mode, i in by_mode.items()} for pool, by_mode in instances.items()
-    }
+    urls = {pool: {m: i.url for m, i in by_mode.items()} for pool, by_mode in instances.items()}
+    return urls, database_url
 
 
 def _plot(pairs, options: SuiteOptions, meta: dict, stamp: str) -> Path | None:

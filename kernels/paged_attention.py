@@ -31,8 +31,10 @@ depend on the pool's block size. Masks: keys past a row's own position (bottom-r
 causal, which also stops at seq_len), rows past the sequence's queries, head dims past D.
 
 Few long sequences leave most of the GPU idle (decode of 2 threads is 2 * Hkv programs), so the
-key range can be split over NUM_SPLITS programs (flash-decoding): each writes its partial output
-and log-sum-exp to float32 scratch, and `_combine_splits_kernel` merges them.
+key range can be split over several programs (flash-decoding, grid axis 2): each writes its partial
+output and log-sum-exp to float32 scratch, and `_combine_splits_kernel` merges them. The split
+count is a grid size, not a compile-time constant, so a growing context does not recompile.
+Arguments that change every step (batch size, block-table width) are not specialized either.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _find_seq(cu_seqlens_q_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "kv_split_len", "stride_bt"])
 def _paged_attention_kernel(
     q_ptr,
     k_cache_ptr,
@@ -84,8 +86,8 @@ def _paged_attention_kernel(
     block_tables_ptr,
     cu_seqlens_q_ptr,
     seq_lens_ptr,
-    split_out_ptr,  # [T, Hq, NUM_SPLITS, D] float32, used when NUM_SPLITS > 1
-    split_lse_ptr,  # [T, Hq, NUM_SPLITS] float32, base-2 log-sum-exp of each split
+    split_out_ptr,  # [T, Hq, num_splits, D] float32, used when SPLIT_KV
+    split_lse_ptr,  # [T, Hq, num_splits] float32, base-2 log-sum-exp of each split
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     num_seqs,
     kv_split_len,  # keys per split, a multiple of BLOCK_N
@@ -104,7 +106,7 @@ def _paged_attention_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT_KV: tl.constexpr,
     ONE_TILE_PER_SEQ: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -147,7 +149,7 @@ def _paged_attention_kernel(
     # Keys the tile's last query can see; rows past q_len see the same range (their output is
     # dropped), so every row sees key 0 and no row's softmax is empty.
     kv_end = context_len + tl.minimum(q_tile_start + BLOCK_Q, q_len)
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         kv_start = 0
         kv_stop = kv_end
     else:
@@ -195,7 +197,7 @@ def _paged_attention_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    if NUM_SPLITS == 1:
+    if not SPLIT_KV:
         tl.store(
             out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -203,31 +205,32 @@ def _paged_attention_kernel(
         )
     else:
         num_heads = tl.num_programs(1) * GROUP
-        row = (token * num_heads + head) * NUM_SPLITS + split  # index into [T, Hq, NUM_SPLITS]
+        num_splits = tl.num_programs(2)
+        row = (token * num_heads + head) * num_splits + split  # index into [T, Hq, num_splits]
         tl.store(split_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=q_mask)
         lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
         tl.store(split_lse_ptr + row, lse, mask=row_valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _combine_splits_kernel(
     out_ptr,
     split_out_ptr,
     split_lse_ptr,
+    num_splits,
     stride_ot,
     stride_oh,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
     """out[t, h] = sum_s w_s * o_s / sum_s w_s with w_s = 2^lse_s: the softmax over all splits."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    row = (token * tl.num_programs(1) + head) * NUM_SPLITS
+    row = (token * tl.num_programs(1) + head) * num_splits
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_valid = offs_s < NUM_SPLITS
+    s_valid = offs_s < num_splits
     d_valid = offs_d < HEAD_DIM
 
     lse = tl.load(split_lse_ptr + row + offs_s, mask=s_valid, other=float("-inf"))
@@ -289,7 +292,7 @@ def paged_attention(
     if num_kv_splits < 1:
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
     kv_split_len = 0
-    split_out = split_lse = out  # unused placeholders for the pointer arguments
+    split_out = split_lse = out  # not read without splits; any tensor fills the pointer slots
     if num_kv_splits > 1:
         if max_seqlen_k is None:
             max_seqlen_k = int(seq_lens.max())
@@ -334,7 +337,7 @@ def paged_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         BLOCK_SIZE=k_cache.shape[1],
-        NUM_SPLITS=num_kv_splits,
+        SPLIT_KV=num_kv_splits > 1,
         ONE_TILE_PER_SEQ=one_tile_per_seq,
         # fp32 inputs must stay fp32 in the dot: the default (tf32) loses the 1e-5 contract.
         DOT_PRECISION="ieee" if is_fp32 else "tf32",
@@ -346,11 +349,11 @@ def paged_attention(
             out,
             split_out,
             split_lse,
+            num_kv_splits,
             out.stride(0),
             out.stride(1),
             HEAD_DIM=head_dim,
             BLOCK_D=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=num_kv_splits,
             BLOCK_S=triton.next_power_of_2(num_kv_splits),
         )
     return out

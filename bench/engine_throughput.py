@@ -9,8 +9,8 @@ both sides run the same random prompts (all of one length, so transformers needs
     prefill tokens/s = batch * prompt_len / time to the first token of every sequence
     decode tokens/s  = batch * (new_tokens - 1) / time of the remaining tokens
 
-Transformers' prefill is `generate(max_new_tokens=1)`; its decode time is a full `generate`
-minus that. The best of --repeats runs counts (the machine is shared and noisy). Prints a table
+Transformers' times come from one `generate` call, its first new tokens timed by a streamer.
+The best of --repeats runs counts (the machine is shared and noisy). Prints a table
 and writes bench/out/engine_throughput.json.
 """
 
@@ -62,19 +62,40 @@ def hf_twin(model: CausalLM):
     return hf
 
 
+class FirstTokenClock:
+    """A generate() streamer that notes when the first new tokens arrive: generate hands it
+    the prompt first, then each step's tokens."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def put(self, value) -> None:
+        self.calls.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
 def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
     """(prefill seconds, decode seconds) of one batched greedy generate."""
-    mask = torch.ones_like(prompts)
-    kwargs = dict(attention_mask=mask, do_sample=False, eos_token_id=None, pad_token_id=0)
+    clock = FirstTokenClock()
     with torch.inference_mode():
         start = time.perf_counter()
-        hf.generate(prompts, max_new_tokens=1, min_new_tokens=1, **kwargs)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        out = hf.generate(prompts, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
-        total = time.perf_counter() - start
+        out = hf.generate(
+            prompts,
+            attention_mask=torch.ones_like(prompts),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+            streamer=clock,
+        )
+        end = time.perf_counter()
     assert out.shape[1] == prompts.shape[1] + new_tokens
-    return prefill, total - prefill
+    assert len(clock.calls) == new_tokens + 1  # the prompt, then one call per new token
+    first_token = clock.calls[1]
+    return first_token - start, end - first_token
 
 
 def time_engine(model: CausalLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:

@@ -98,7 +98,15 @@ class ModelRunner:
             cu_seqlens_q_host=cu_seqlens_q,
             seq_lens_host=seq_lens,
         )
-        if not self._is_cuda and max(batch.num_new_tokens) == 1:
+        # Decodes only: one padded SDPA for the batch, unless padding to the longest table would
+        # gather more than twice the real keys (one long thread among short ones); then the
+        # per-sequence loop reads less memory.
+        padded_keys = len(tables) * max_blocks * bs
+        if (
+            not self._is_cuda
+            and max(batch.num_new_tokens) == 1
+            and padded_keys <= 2 * sum(seq_lens)
+        ):
             meta.decode_blocks = block_tables.long()
             key_positions = torch.arange(max_blocks * bs)
             meta.decode_mask = (key_positions < seq_lens_t.unsqueeze(1))[:, None, None, :]

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter
+from litestar.params import FromPath, HeaderParameter, JSONBody
 
 from app.api.disconnect import ClientDisconnected, unless_disconnected
 from app.api.errors import error_response
@@ -37,7 +37,7 @@ class MessageController(Controller):
         account_id: NamedDependency[str],
         turn_service: NamedDependency[TurnService],
         thread_id: FromPath[str],
-        data: schemas.AppendMessageRequest,
+        data: JSONBody[schemas.AppendMessageRequest],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[schemas.TurnResult]:
         """Append a user message and generate the reply: one atomic turn.

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, QueryParameter
+from litestar.params import FromPath, JSONBody, QueryParameter
 
 from app.threads import schemas
 from app.threads.service import MAX_PAGE, ThreadService
@@ -24,7 +24,7 @@ class ThreadController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        data: schemas.CreateThreadRequest,
+        data: JSONBody[schemas.CreateThreadRequest],
     ) -> schemas.Thread:
         """A new thread; its token log starts with the chat format's opening and system prompt."""
         return await thread_service.create(account_id, data)

@@ -2,7 +2,9 @@
 
 The model runner builds one AttentionMetadata per step; every layer then calls `store_kv` for its
 new keys/values and `paged_attention` for its queries. On CUDA these are the Triton kernels in
-`kernels/`; elsewhere the pure-torch references beside them.
+`kernels/`; elsewhere the pure-torch store and, for attention, the same computation as
+kernels/paged_attention_ref.py arranged for speed (tests compare the two): one padded SDPA for a
+step of decodes, else a loop over sequences in the shapes SDPA's fused CPU kernel takes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.paged_attention_ref import gather_kv, paged_attention_ref
+from kernels.paged_attention_ref import gather_kv
 from kernels.store_kv_ref import store_kv_ref
 
 
@@ -96,8 +98,9 @@ def attention_per_sequence(
     seq_lens: list[int],
     scale: float,
 ) -> torch.Tensor:
-    """paged_attention_ref's loop over sequences, but a first prefill (no cached prefix) uses
-    SDPA's own causal mask: a materialised [q_len, S] mask sends long prompts to a slow path."""
+    """paged_attention_ref's loop over sequences, in the shapes SDPA's fused CPU kernel takes:
+    4-D inputs (3-D ones fall back to the unfused path, which materialises every score), and a
+    first prefill (no cached prefix) with SDPA's own causal mask instead of a built one."""
     group = q.shape[1] // k_cache.shape[2]
     out = torch.empty_like(q)
     for b, seq_len in enumerate(seq_lens):
@@ -105,30 +108,24 @@ def attention_per_sequence(
         q_len = end - start
         if q_len == 0:
             continue
-        if q_len != seq_len:  # a chunk or a decode on a cached prefix: the reference's mask
-            out[start:end] = paged_attention_ref(
-                q[start:end],
-                k_cache,
-                v_cache,
-                block_tables[b : b + 1],
-                [0, q_len],
-                [seq_len],
-                scale,
-            )
-            continue
         k = gather_kv(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[b], seq_len)
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
+        mask = None
+        if 1 < q_len < seq_len:  # a chunk on a cached prefix: bottom-right aligned causal
+            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
+            mask = torch.arange(seq_len, device=q.device).unsqueeze(0) <= qpos  # [q_len, S]
         ob = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).float(),
-            k.transpose(0, 1).float(),
-            v.transpose(0, 1).float(),
-            is_causal=q_len > 1,
+            q[start:end].transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, q_len, D]
+            k.transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, S, D]
+            v.transpose(0, 1).unsqueeze(0).float(),
+            attn_mask=mask,
+            is_causal=q_len > 1 and q_len == seq_len,
             scale=scale,
         )
-        out[start:end] = ob.transpose(0, 1).to(q.dtype)
+        out[start:end] = ob[0].transpose(0, 1).to(q.dtype)
     return out
 
 

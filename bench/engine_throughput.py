@@ -7,10 +7,11 @@ The model is the benchmark-size built-in (`builtin-bench-random`: hidden 768, 12
 both sides run the same random prompts (all of one length, so transformers needs no padding):
 
     prefill tokens/s = batch * prompt_len / time to the first token of every sequence
-    decode tokens/s  = batch * (new_tokens - 1) / time of the remaining tokens
+    decode tokens/s  = batch / time of one decode step (the median step of all repeats)
 
-Transformers' times come from one `generate` call, its first new tokens timed by a streamer.
-The best of --repeats runs counts (the machine is shared and noisy). Prints a table
+Transformers' times come from one `generate` call whose streamer notes when each step's tokens
+arrive. The machine is shared and noisy, so runs alternate between the two, prefill takes the
+best of --repeats runs and decode the median step over all of them (robust to bursts of load). Prints a table
 and writes bench/out/engine_throughput.json.
 """
 
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -76,8 +78,8 @@ class FirstTokenClock:
         pass
 
 
-def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds) of one batched greedy generate."""
+def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds of each decode step) of one batched greedy generate."""
     clock = FirstTokenClock()
     with torch.inference_mode():
         start = time.perf_counter()
@@ -91,15 +93,16 @@ def time_hf(hf, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
             pad_token_id=0,
             streamer=clock,
         )
-        end = time.perf_counter()
     assert out.shape[1] == prompts.shape[1] + new_tokens
     assert len(clock.calls) == new_tokens + 1  # the prompt, then one call per new token
-    first_token = clock.calls[1]
-    return first_token - start, end - first_token
+    steps = [b - a for a, b in zip(clock.calls[1:], clock.calls[2:], strict=False)]
+    return clock.calls[1] - start, steps
 
 
-def time_engine(model: CausalLM, prompts: torch.Tensor, new_tokens: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds): one step prefills the whole batch, then decodes."""
+def time_engine(
+    model: CausalLM, prompts: torch.Tensor, new_tokens: int
+) -> tuple[float, list[float]]:
+    """(prefill seconds, seconds of each decode step): one step prefills the whole batch."""
     batch, prompt_len = prompts.shape
     engine = LLMEngine(
         model,
@@ -117,17 +120,19 @@ def time_engine(model: CausalLM, prompts: torch.Tensor, new_tokens: int) -> tupl
     prefill = time.perf_counter() - start
     assert len(outputs) == batch, "the whole batch must prefill in one step"
     finished = 0
-    start = time.perf_counter()
+    steps = []
     while engine.has_unfinished():
-        for out in engine.step():
-            finished += any(isinstance(e, FinishEvent) for e in out.events)
-    decode = time.perf_counter() - start
-    assert finished == batch
-    return prefill, decode
+        start = time.perf_counter()
+        outputs = engine.step()
+        steps.append(time.perf_counter() - start)
+        finished += sum(any(isinstance(e, FinishEvent) for e in out.events) for out in outputs)
+    assert finished == batch and len(steps) == new_tokens - 1
+    return prefill, steps
 
 
-def best(runs: list[tuple[float, float]]) -> tuple[float, float]:
-    return min(r[0] for r in runs), min(r[1] for r in runs)
+def summarise(runs: list[tuple[float, list[float]]]) -> tuple[float, float]:
+    """(best prefill seconds, median decode step seconds over every run)."""
+    return min(r[0] for r in runs), statistics.median(t for r in runs for t in r[1])
 
 
 def main() -> None:
@@ -155,23 +160,24 @@ def main() -> None:
         for _ in range(args.repeats):
             engine_runs.append(time_engine(model, prompts, args.new_tokens))
             hf_runs.append(time_hf(hf, prompts, args.new_tokens))
-        (e_pre, e_dec), (h_pre, h_dec) = best(engine_runs), best(hf_runs)
+        (e_pre, e_step), (h_pre, h_step) = summarise(engine_runs), summarise(hf_runs)
         prefill_tokens = batch * args.prompt_len
-        decode_tokens = batch * (args.new_tokens - 1)
         rows.append(
             {
                 "batch": batch,
                 "engine_prefill_tok_s": prefill_tokens / e_pre,
                 "hf_prefill_tok_s": prefill_tokens / h_pre,
-                "engine_decode_tok_s": decode_tokens / e_dec,
-                "hf_decode_tok_s": decode_tokens / h_dec,
+                "engine_decode_tok_s": batch / e_step,
+                "hf_decode_tok_s": batch / h_step,
+                "engine_decode_step_ms": e_step * 1e3,
+                "hf_decode_step_ms": h_step * 1e3,
             }
         )
 
     print(
         f"{MODEL_NAME} ({num_params / 1e6:.0f}M params, float32, CPU, "
         f"{torch.get_num_threads()} threads); prompt {args.prompt_len}, "
-        f"{args.new_tokens} new tokens, best of {args.repeats}"
+        f"{args.new_tokens} new tokens, {args.repeats} alternating runs each"
     )
     header = (
         f"{'batch':>5} | {'prefill tok/s':>26} | {'decode tok/s':>26}\n"

@@ -11,12 +11,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench.multiturn.plots import plot_runs
 from bench.multiturn.records import MODES
+from bench.multiturn.report import format_profile
 from bench.multiturn.suite import (
     DEFAULT_CONCURRENCY,
     DEFAULT_MODEL,
     DEFAULT_REPLY_SCALE,
     SuiteOptions,
+    load_result,
+    plot_title,
     run_suite,
     summary_text,
 )
@@ -78,8 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reply-scale",
         type=_positive_float,
         default=DEFAULT_REPLY_SCALE,
-        help="multiply reply lengths; 1 gives the issue's sizes (chat ~200 "
-        f"tokens). Default {DEFAULT_REPLY_SCALE}: CPU decoding is slow",
+        help=f"multiply every profile's reply lengths (default {DEFAULT_REPLY_SCALE})",
     )
     parser.add_argument(
         "--concurrency",
@@ -140,9 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write a small copy of the plot here (e.g. docs/...png)",
     )
     parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="run nothing: print the tables of a finished run's JSON (and --plot-copy its plot)",
+    )
+    parser.add_argument(
         "--no-warmup", action="store_true", help="skip the unmeasured warm-up turns"
     )
-    return parser  # fmt: skip
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_copy=args.plot_copy,
         warmup=not args.no_warmup,
     )
+    if args.from_json is not None:
+        return _report_only(args.from_json, args.plot_copy)
     try:
         result = run_suite(options)
     except (ValueError, RuntimeError) as exc:
@@ -182,6 +193,17 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: some turns failed or fresh tokens did not match (see above)", file=sys.stderr)
         return 1
     return 0
+
+
+def _report_only(path: Path, plot_copy: Path | None) -> int:
+    result = load_result(path)
+    for pair in result.pairs:
+        print(format_profile(*pair) + "\n")
+    print(summary_text(result))
+    if plot_copy is not None:
+        plot_runs(result.pairs, plot_copy, title=plot_title(result.meta), dpi=70)
+        print(f"\nplot: {plot_copy}")
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -288,8 +288,9 @@ def format_profile(cache: RunResult, recompute: RunResult) -> str:
         lines.append(
             f"{s.mode:>9}: computed {s.computed_tokens:,} tokens (prefill {s.prefill_tokens:,} + "
             f"decode {s.decode_tokens:,}); {_num(s.turns_per_s, 2)} turns/s, "
-            f"{_num(s.output_tokens_per_s)} output tokens/s; wall {s.wall_s:.1f} s"
-            + (f"; {s.errors} FAILED turns" if s.errors else "")
+            f"{_num(s.output_tokens_per_s)} output tokens/s; replies "
+            f"{_num(s.decode_tokens / s.turns if s.turns else math.nan, 0)} tokens on average; "
+            f"wall {s.wall_s:.1f} s" + (f"; {s.errors} FAILED turns" if s.errors else "")
         )
     lines.append(_fresh_line(c_sum))
     lines.append(_fresh_line(r_sum))

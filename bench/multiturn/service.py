@@ -45,9 +45,15 @@ def _run_app(args: list[str], env: Mapping[str, str]) -> str:
 
 def base_environment(database_url: str) -> dict[str, str]:
     """The parent's environment minus its KVTHREADS_* settings (the benchmark sets its own, so a
-    developer's shell cannot skew one mode), plus the database."""
+    developer's shell cannot skew one mode), plus the database.
+
+    OpenMP threads sleep instead of spinning when idle (OMP_WAIT_POLICY=PASSIVE, unless the
+    environment says otherwise): the engine uses every core, and on a shared machine spinning
+    threads that lose their core made CPU steps 10-20x slower in our measurements.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVTHREADS_")}
     env["DATABASE_URL"] = database_url
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 

@@ -468,3 +468,17 @@ def test_metrics_parser_keeps_the_kv_samples():
         "kvthreads_kv_evictions_total": 3.0,
         'kvthreads_kv_misses_total{reason="evicted"}': 2.0,
     }
+
+
+def test_cpu_sizes_keep_the_issue_shapes():
+    from bench.multiturn.suite import CPU_PROFILES, DEFAULT_CONCURRENCY
+
+    assert set(CPU_PROFILES) == set(PROFILES) == set(DEFAULT_CONCURRENCY)
+    chat = CPU_PROFILES["chat"]
+    assert chat.num_turns.low >= 2 and chat.num_turns.high == 8
+    assert chat.user_tokens.mode == 70
+    # Asked at ~300 so that replies cut short by the random model's end token average ~200.
+    assert 190 <= 320 * (1 - math.exp(-chat.reply_tokens.mode / 320)) <= 210
+    assert CPU_PROFILES["long"].first_user_tokens.low >= 2000
+    assert CPU_PROFILES["agent"].num_turns.low >= 10
+    assert CPU_PROFILES["pressure"].interleaved

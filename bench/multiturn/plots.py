@@ -22,6 +22,7 @@ def plot_runs(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     if not pairs:
         raise ValueError("nothing to plot: no runs")
@@ -56,6 +57,11 @@ def plot_runs(
                 cumulative.append(total / 1000)
             tokens_ax.plot(turns, cumulative, "o-", color=color, markersize=3, label=run.mode)
         ttft_ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
+        ttft_ax.yaxis.set_major_formatter(plain)
+        ttft_ax.yaxis.set_minor_locator(LogLocator(base=10, subs=(2.0, 5.0)))
+        ttft_ax.yaxis.set_minor_formatter(plain)
+        ttft_ax.tick_params(axis="y", which="minor", labelsize=7)
         ttft_ax.set_title(pair[0].profile)
         ttft_ax.set_xlabel("turn")
         tokens_ax.set_xlabel("turn")

@@ -416,6 +416,10 @@ class Turn:
             if rest := holdback.finish(storable(finish.text)):
                 yield TextDelta(rest)
             result = await run_to_completion(self._service._commit(self, finish))
+            # Unlock before the client hears `done`: a client that sends its next turn the moment
+            # it reads the result must not find the thread still busy. (close() unlocks again: a
+            # no-op on an exit stack already closed.)
+            await run_to_completion(self._unlock.aclose())
             yield TurnDone(result)
         finally:
             if self._finished:

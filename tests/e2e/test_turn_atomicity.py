@@ -12,6 +12,9 @@ import httpx
 import pytest
 
 from app.asgi import create_app
+from app.db.models import Thread
+from app.threads.schemas import AppendMessageRequest
+from app.threads.turn import TurnDone
 from tests.e2e.fake_engine import FakeEngine, fake_runtime
 from tests.e2e.live_server import live_server
 from tests.e2e.snapshot import snapshot
@@ -272,3 +275,27 @@ async def test_more_turns_in_flight_than_pooled_connections_all_finish(open_live
     engine.gate.set()
     assert [(await t).status_code for t in turns] == [200] * 24
     assert engine.commits == 24
+
+
+async def test_thread_is_unlocked_when_done_is_delivered(fake_api, db_sessions):
+    """A client may send its next turn the moment it reads `done`, before the stream ends: the
+    thread's lock is released before the final event is handed out, not when the stream closes."""
+    thread_id = await _thread(fake_api)
+    components = fake_api.app.state.threads
+    async with db_sessions() as session:
+        account_id = (await session.get(Thread, thread_id)).account_id
+    request = AppendMessageRequest(content="hi")
+
+    async def run_turn() -> None:  # on the app's own event loop, as a request would
+        turn = await components.turns.begin(account_id, thread_id, request, None)
+        try:
+            assert components.locks.is_in_flight(thread_id)
+            async for event in turn.events():
+                if isinstance(event, TurnDone):
+                    assert not components.locks.is_in_flight(thread_id)
+                    return
+            raise AssertionError("the turn ended without its result")
+        finally:
+            await turn.close()
+
+    await asyncio.to_thread(fake_api.blocking_portal.call, run_turn)

@@ -1,4 +1,4 @@
-"""Tokenizers: text <-> token ids, and an incremental detokenizer for streaming.
+"""Tokenizers: text <-> token ids (streaming detokenization is in detokenizer.py).
 
 Two implementations share one interface: `HFTokenizer` (a `tokenizer.json` from a Hugging Face
 folder, via the `tokenizers` library) and `ByteTokenizer` (the built-in models: one token per
@@ -111,44 +111,3 @@ class ByteTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._id_by_special.get(token)
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of generated ids into text deltas for streaming.
-
-    Each `step(ids)` gets every generated id so far and returns the text the newest ids complete.
-    It decodes a short window (the ids since the last-but-one emission), not everything, and holds
-    text back while it ends in U+FFFD: a multi-byte character or a byte-level BPE piece may be
-    split over several tokens. `flush(ids)` at the end returns whatever was held back (a trailing
-    partial character as U+FFFD, as `decode` renders it). Joined, the deltas equal
-    `tokenizer.decode(ids)`.
-
-        ids:    t0 t1 t2 t3 t4 t5
-                      ^prefix  ^read       window = ids[prefix:], already shown = ids[prefix:read]
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
-        self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
-        self._prefix_offset = 0
-        self._read_offset = 0
-
-    def step(self, ids: Sequence[int]) -> str:
-        """The new text completed by `ids[read_offset:]`, or "" while a character is partial."""
-        return self._advance(ids, final=False)
-
-    def flush(self, ids: Sequence[int]) -> str:
-        """The text still held back."""
-        return self._advance(ids, final=True)
-
-    def _advance(self, ids: Sequence[int], final: bool) -> str:
-        if len(ids) < self._read_offset:
-            raise ValueError(f"ids shrank from {self._read_offset} to {len(ids)}")
-        decode = self._tokenizer.decode
-        shown = decode(ids[self._prefix_offset : self._read_offset], self._skip_special_tokens)
-        window = decode(ids[self._prefix_offset :], self._skip_special_tokens)
-        if len(window) <= len(shown) or (window.endswith("\ufffd") and not final):
-            return ""
-        self._prefix_offset = self._read_offset
-        self._read_offset = len(ids)
-        return window[len(shown) :]

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from app.engine.builtin import builtin_tokenizer
-from app.engine.tokenizer import ByteTokenizer, HFTokenizer, IncrementalDetokenizer, Tokenizer
+from app.engine.detokenizer import IncrementalDetokenizer
+from app.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 UNICODE_SAMPLES = [
     "plain ascii",
@@ -28,9 +29,9 @@ def random_text(rng: random.Random, length: int) -> str:
 
 def stream(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     """The deltas of a generation that grows one id at a time, then the final flush."""
-    detok = IncrementalDetokenizer(tokenizer)
-    pieces = [detok.step(ids[: n + 1]) for n in range(len(ids))]
-    pieces.append(detok.flush(ids))
+    detok = IncrementalDetokenizer(tokenizer.decode, [], ())
+    pieces = [detok.add(token_id) for token_id in ids]
+    pieces.append(detok.flush())
     return pieces
 
 
@@ -136,15 +137,11 @@ def test_streaming_byte_level_bpe_never_breaks_characters(tokenizer_folders, tex
 
 def test_streaming_holds_back_a_partial_character():
     tokenizer = builtin_tokenizer()
-    detok = IncrementalDetokenizer(tokenizer)
+    detok = IncrementalDetokenizer(tokenizer.decode, [], ())
     euro = list("€".encode())  # three bytes
-    assert detok.step(euro[:1]) == ""
-    assert detok.step(euro[:2]) == ""
-    assert detok.step(euro) == "€"
-    assert detok.step([*euro, 0xF0]) == ""
-    assert detok.flush([*euro, 0xF0]) == "\ufffd"  # generation ended inside a character
-    with pytest.raises(ValueError, match="shrank"):
-        detok.step(euro[:1])
+    assert [detok.add(byte) for byte in euro] == ["", "", "€"]
+    assert detok.add(0xF0) == ""
+    assert detok.flush() == "\ufffd"  # generation ended inside a character
 
 
 def test_streaming_byte_level_bpe_random_ids(tokenizer_folders):

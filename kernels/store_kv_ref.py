@@ -1,8 +1,8 @@
 """Pure-torch KV store: the reference for the Triton kernel and the CPU path of the engine.
 
-    key, value:        [T, Hkv, D]  the new tokens of this step, flat over the batch
-    k_cache, v_cache:  [N, bs, Hkv, D]  the pool of one layer
-    slot_mapping:      [T] int64  slot = block_id * bs + offset; a negative slot is skipped (padding)
+key, value:        [T, Hkv, D]  the new tokens of this step, flat over the batch
+k_cache, v_cache:  [N, bs, Hkv, D]  the pool of one layer
+slot_mapping:      [T] int64  slot = block_id * bs + offset; a negative slot is skipped (padding)
 """
 
 from __future__ import annotations

@@ -41,9 +41,7 @@ class ModelConfig:
 def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """Inverse frequencies, with the rope scaling the checkpoint asks for (float64 for exactness)."""
     dim = config.head_dim
-    inv_freq = 1.0 / (
-        config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    )
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     scaling = config.rope_scaling or {}
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":

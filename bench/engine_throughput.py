@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from app.engine.engine import LLMEngine
+from app.engine.hf_config import llama_config_kwargs
 from app.engine.loader import resolve_model
 from app.engine.model import CausalLM
 from app.engine.types import FinishEvent, SamplingParams
@@ -40,19 +41,8 @@ def hf_twin(model: CausalLM):
     """transformers' LlamaForCausalLM with the same weights."""
     import transformers
 
-    c = model.config
     hf_config = transformers.LlamaConfig(
-        vocab_size=c.vocab_size,
-        hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim,
-        max_position_embeddings=c.max_position_embeddings,
-        rms_norm_eps=c.rms_norm_eps,
-        rope_theta=c.rope_theta,
-        tie_word_embeddings=c.tie_word_embeddings,
+        **llama_config_kwargs(model.config),
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.chat_format import SimpleChatFormat
+from app.engine.hf_config import llama_config_kwargs
 from app.engine.model import CausalLM, ModelConfig
 from app.engine.tokenizer import ByteTokenizer
 
@@ -149,22 +150,8 @@ def builtin_hf_config_kwargs(name: str) -> dict:
     """Keyword arguments for `transformers.LlamaConfig` describing the same network, so a
     benchmark can build `LlamaForCausalLM(LlamaConfig(**kwargs))` and load this model's
     `state_dict()` into it (the parameter names are the same)."""
-    spec = _spec(name)
     return {
-        "vocab_size": VOCAB_SIZE,
-        "hidden_size": spec.hidden_size,
-        "intermediate_size": spec.intermediate_size,
-        "num_hidden_layers": spec.num_layers,
-        "num_attention_heads": spec.num_heads,
-        "num_key_value_heads": spec.num_kv_heads,
-        "head_dim": spec.head_dim,
-        "max_position_embeddings": spec.max_position_embeddings,
-        "rms_norm_eps": RMS_NORM_EPS,
-        "rope_theta": ROPE_THETA,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
+        **llama_config_kwargs(builtin_config(name)),
         "bos_token_id": BOS_TOKEN_ID,
         "eos_token_id": EOS_TOKEN_ID,
     }

@@ -60,6 +60,31 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
     return parse_hf_config(raw, source=str(path))
 
 
+def llama_config_kwargs(config: ModelConfig) -> dict[str, Any]:
+    """Keyword arguments for `transformers.LlamaConfig` describing the network of a Llama-shaped
+    `config` (no biases, no q/k norm), so the same `state_dict()` loads into
+    `LlamaForCausalLM`: the reference that benchmarks and tests compare against. Token ids are
+    the caller's to add."""
+    if config.attention_bias or config.qk_norm:
+        raise ValueError(f"{config.architecture} is not Llama-shaped (attention bias or q/k norm)")
+    return {
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+
+
 def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
     """A config.json already parsed into a dict -> ModelConfig."""
     architecture = _architecture(raw, source)

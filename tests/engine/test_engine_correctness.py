@@ -7,6 +7,7 @@ import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish, tiny_config
 
 from app.engine.engine import LLMEngine
+from app.engine.hf_config import llama_config_kwargs
 from app.engine.model import CausalLM
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import Sequence
@@ -141,18 +142,8 @@ def test_batched_equals_alone_with_chunked_prefill_and_decodes_mixed(model):
 
 def test_greedy_generation_matches_transformers(model):
     transformers = pytest.importorskip("transformers")
-    config = model.config
     hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps,
-        rope_theta=config.rope_theta,
+        **llama_config_kwargs(model.config),
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.engine.attention import AttentionMetadata, paged_attention, store_kv
+from app.engine.packed_linear import LinearGroup
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.wqkv = LinearGroup(self.q_proj, self.k_proj, self.v_proj)
+        self.wo = LinearGroup(self.o_proj)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -111,9 +114,10 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k, v = self.wqkv(x)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -122,7 +126,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         store_kv(k, v, k_cache, v_cache, meta)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [T, Hq, D]
-        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        (out,) = self.wo(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return out
 
 
 class MLP(nn.Module):
@@ -131,9 +136,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.w13 = LinearGroup(self.gate_proj, self.up_proj)
+        self.w2 = LinearGroup(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.w13(x)
+        (out,) = self.w2(F.silu(gate) * up)
+        return out
 
 
 class DecoderLayer(nn.Module):
@@ -167,6 +176,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = Backbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = LinearGroup(self.lm_head)
         # Rope tables are derived, not loaded: non-persistent, built by init_rope() on the
         # final device (the loader builds modules on the meta device first).
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
@@ -175,6 +185,17 @@ class CausalLM(nn.Module):
     def tie_weights(self) -> None:
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def linear_groups(self) -> list[LinearGroup]:
+        groups = [self.head]
+        for layer in self.model.layers:
+            groups += [layer.self_attn.wqkv, layer.self_attn.wo, layer.mlp.w13, layer.mlp.w2]
+        return groups
+
+    def prepack_linears(self) -> bool:
+        """Prepack every linear for the CPU (see packed_linear.py); False where that does not
+        apply (CUDA, other dtypes, no oneDNN) and the plain linears serve."""
+        return all([group.pack() for group in self.linear_groups()])
 
     def init_rope(self, device: torch.device | str, dtype: torch.dtype) -> None:
         inv_freq = rope_inv_freq(self.config)  # [D/2] float64
@@ -202,4 +223,5 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        (logits,) = self.head(hidden)
+        return logits.float()

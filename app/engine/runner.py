@@ -48,6 +48,7 @@ class ModelRunner:
             available = len(os.sched_getaffinity(0))
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
+            model.prepack_linears()
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_cuda:

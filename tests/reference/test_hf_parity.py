@@ -146,10 +146,14 @@ def hf_logits(hf_model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return hf_model(torch.tensor([ids])).logits[0].float()
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_logits_match_transformers(checkpoints, run_paged, name):
+def test_logits_match_transformers(checkpoints, run_paged, name, packed):
+    """Plain linears, and the CPU engine's prepacked ones (packed_linear.py)."""
     folder, hf_model = checkpoints[name]
     model, config = load_model(folder, "cpu", torch.float32)
+    if packed:
+        assert model.prepack_linears()
     length = min(37, config.max_position_embeddings)
     ids = token_ids(length, config.vocab_size, seed=len(name))
     expected = hf_logits(hf_model, ids)

@@ -20,7 +20,6 @@ after packing is never served stale: the group falls back to plain linears until
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,7 +54,9 @@ class LinearGroup:
     @property
     def is_packed(self) -> bool:
         """Packed, and every source weight and bias unchanged since."""
-        return self._packed is not None and _fingerprint(_sources(self.linears)) == self._packed_from
+        return (
+            self._packed is not None and _fingerprint(_sources(self.linears)) == self._packed_from
+        )
 
     def pack(self) -> bool:
         """Prepack the group's weights (and biases) as one matrix; False where it does not apply."""
@@ -93,4 +94,3 @@ class LinearGroup:
                 return [out]
             return list(out.split(self.out_features, dim=-1))
         return [linear(x) for linear in self.linears]
-

@@ -34,7 +34,10 @@ def can_pack(weight: torch.Tensor) -> bool:
 
 
 def _sources(linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
-    return [t for linear in linears for t in (linear.weight, linear.bias) if t is not None]
+    # The parameter dict, not `linear.weight`: Module.__getattr__ costs more than the rest of
+    # this check, which runs on every call.
+    params = [linear._parameters for linear in linears]
+    return [t for p in params for t in (p["weight"], p["bias"]) if t is not None]
 
 
 def _fingerprint(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:

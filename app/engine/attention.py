@@ -10,12 +10,16 @@ step of decodes, else a loop over sequences in the shapes SDPA's fused CPU kerne
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from kernels.paged_attention_ref import gather_kv
 from kernels.store_kv_ref import store_kv_ref
+
+if TYPE_CHECKING:
+    from app.engine.decode_mirror import MirrorStep
 
 
 @dataclass
@@ -34,10 +38,12 @@ class AttentionMetadata:
     max_seqlen_k: int
     cu_seqlens_q_host: list[int]
     seq_lens_host: list[int]
-    # CPU fast path for a step of decodes only (one query per sequence): every sequence's
-    # blocks padded to the longest table, and which key positions are real. None: no fast path.
+    # CPU fast paths for a step of decodes only (one query per sequence), else None:
+    # the batch's keys kept contiguous across steps (decode_mirror.py), or else every
+    # sequence's blocks padded to the longest table and which key positions are real.
+    decode_mirror: MirrorStep | None = None
     decode_blocks: torch.Tensor | None = None  # [B, M] int64
-    decode_mask: torch.Tensor | None = None  # [B, 1, 1, M * block_size] bool
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, M * block_size] float32, 0 or -inf
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
@@ -65,7 +71,10 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    layer: int,
 ) -> torch.Tensor:
+    """Attention of the step's queries [T, Hq, D] over the pool of `layer` (its index in the
+    model), which already holds the step's new keys and values."""
     if _use_triton(q):
         from kernels.paged_attention import paged_attention as paged_attention_triton
 
@@ -80,6 +89,9 @@ def paged_attention(
             max_seqlen_q=meta.max_seqlen_q,
             max_seqlen_k=meta.max_seqlen_k,
         )
+    if meta.decode_mirror is not None:
+        k, v = meta.decode_mirror.keys_values(layer, k_cache, v_cache)
+        return decode_attention(q, k, v, meta.decode_mirror.mask, scale)
     if meta.decode_blocks is not None:
         return padded_decode_attention(
             q, k_cache, v_cache, meta.decode_blocks, meta.decode_mask, scale
@@ -129,22 +141,44 @@ def attention_per_sequence(
     return out
 
 
+def decode_key_mask(seq_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, 1, 1, num_keys] additive float32 mask for padded_decode_attention: 0 for the keys below
+    each sequence's length, -inf past it. Built once a step: SDPA would turn a bool mask into
+    this in every layer."""
+    past_end = torch.arange(num_keys, device=seq_lens.device) >= seq_lens.unsqueeze(1)  # [B, K]
+    mask = torch.zeros(past_end.shape, dtype=torch.float32, device=seq_lens.device)
+    return mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
+
+
 def padded_decode_attention(
     q: torch.Tensor,  # [B, Hq, D], one query per sequence
     k_cache: torch.Tensor,  # [N, bs, Hkv, D]
     v_cache: torch.Tensor,
     blocks: torch.Tensor,  # [B, M] each sequence's block table, padded
-    mask: torch.Tensor,  # [B, 1, 1, M * bs] True for the keys below each sequence's length
+    mask: torch.Tensor,  # [B, 1, 1, M * bs] decode_key_mask(seq_lens, M * bs)
     scale: float,
 ) -> torch.Tensor:
     """Decode attention of the whole batch in one SDPA instead of a loop over sequences: the
     same result as paged_attention_ref with every q_len 1. Whole blocks are gathered (one copy
     per block, not per token); the mask hides their tail and the padding. Returns [B, Hq, D]."""
-    batch, num_heads, head_dim = q.shape
+    batch, _, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     flat = blocks.reshape(-1)
     k = k_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
     v = v_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    return decode_attention(q, k, v, mask, scale)
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, Hq, D], one query per sequence
+    k: torch.Tensor,  # [B, Hkv, K, D], each sequence's keys padded to K
+    v: torch.Tensor,
+    mask: torch.Tensor,  # [B, 1, 1, K] 0 or -inf
+    scale: float,
+) -> torch.Tensor:
+    """One SDPA for a step of decodes. Returns [B, Hq, D]."""
+    batch, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
     # The query heads sharing a KV head stand in as that head's query rows: no repeat of K/V.
     qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
     out = F.scaled_dot_product_attention(

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import AttentionMetadata
+from app.engine.attention import AttentionMetadata, decode_key_mask
+from app.engine.decode_mirror import DecodeMirror
 from app.engine.model import CausalLM
 from app.engine.scheduler import ScheduledBatch
 
@@ -49,6 +50,9 @@ class ModelRunner:
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
             model.prepack_linears()
+        # At most the pool's own size: the decode batch's keys, padded, plus headroom.
+        pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
+        self.decode_mirror = DecodeMirror(len(kv_caches), max_bytes=pool_bytes)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_cuda:
@@ -100,17 +104,29 @@ class ModelRunner:
             seq_lens_host=seq_lens,
         )
         # Decodes only: one padded SDPA for the batch, unless padding to the longest table would
-        # gather more than twice the real keys (one long thread among short ones); then the
-        # per-sequence loop reads less memory.
+        # read more than twice the real keys (one long thread among short ones); then the
+        # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
+        # step; past its memory budget they are gathered from the pool every step.
         padded_keys = len(tables) * max_blocks * bs
         if (
             not self._is_cuda
             and max(batch.num_new_tokens) == 1
             and padded_keys <= 2 * sum(seq_lens)
         ):
-            meta.decode_blocks = block_tables.long()
-            key_positions = torch.arange(max_blocks * bs)
-            meta.decode_mask = (key_positions < seq_lens_t.unsqueeze(1))[:, None, None, :]
+            padded_blocks = block_tables.long()
+            meta.decode_mirror = self.decode_mirror.begin_step(
+                tuple(seq.seq_id for seq in batch.seqs),
+                seq_lens,
+                padded_blocks,
+                meta.slot_mapping,
+                bs,
+                self.kv_caches[0][0],
+            )
+            if meta.decode_mirror is None:
+                meta.decode_blocks = padded_blocks
+                meta.decode_mask = decode_key_mask(seq_lens_t, max_blocks * bs)
+        else:
+            self.decode_mirror.reset()
         return PreparedBatch(
             input_ids=self._tensor(input_ids, torch.int64),
             positions=self._tensor(positions, torch.int64),
@@ -123,4 +139,6 @@ class ModelRunner:
     def run(self, prepared: PreparedBatch) -> torch.Tensor:
         """Run the model over the batch; return the float32 logits of the sampled rows [N, V]."""
         hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
+        if prepared.meta.decode_mirror is not None:
+            self.decode_mirror.commit()
         return self.model.compute_logits(hidden.index_select(0, prepared.sample_rows))

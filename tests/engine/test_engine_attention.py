@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from app.engine.attention import attention_per_sequence, padded_decode_attention
+from app.engine.attention import attention_per_sequence, decode_key_mask, padded_decode_attention
 from kernels.paged_attention_ref import paged_attention_ref
 
 
@@ -28,8 +28,7 @@ def test_padded_decode_attention_matches_the_reference(num_heads, num_kv_heads):
     expected = paged_attention_ref(
         q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, scale
     )
-    key_positions = torch.arange(max_blocks * block_size)
-    mask = (key_positions < torch.tensor(seq_lens).unsqueeze(1))[:, None, None, :]
+    mask = decode_key_mask(torch.tensor(seq_lens), max_blocks * block_size)
     got = padded_decode_attention(q, k_cache, v_cache, block_tables, mask, scale)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 

@@ -62,7 +62,7 @@ class MirrorStep:
             self.mirror.buffers(layer, batch, self.capacity, k_cache),
             strict=True,
         ):
-            _, block_size, num_kv_heads, head_dim = cache.shape
+            _, _, num_kv_heads, head_dim = cache.shape
             if self.refill:
                 gathered = cache.index_select(0, self.blocks)  # [B * M, bs, Hkv, D]
                 gathered = gathered.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)

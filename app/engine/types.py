@@ -20,17 +20,9 @@ thread back by itself.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-
-class MissReason(StrEnum):
-    """Why a turn found less of its history in the cache than it could have."""
-
-    NEW_THREAD = "new_thread"  # the thread has no history yet
-    EVICTED = "evicted"  # it was resident in this process, then evicted for room
-    RESTARTED = "restarted"  # the process never held it (the server restarted since)
-    MISMATCH = "mismatch"  # cached tokens were not a prefix of the log
-    DISABLED = "disabled"  # residency is turned off (the recompute mode of the benchmark)
+# Decided by the KV cache manager; part of what a finished turn reports, so re-exported here.
+from app.kvcache.miss_reason import MissReason
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
-from app.engine.types import MissReason
 from app.kvcache.block_pool import BlockPool
+from app.kvcache.miss_reason import MissReason
 from app.kvcache.stats import KVCacheStats, ThreadCacheState
 
 

@@ -1,0 +1,15 @@
+"""The reasons a cache lookup gives for a miss; the engine reports them in a turn's counts."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class MissReason(StrEnum):
+    """Why a turn found less of its history in the cache than it could have."""
+
+    NEW_THREAD = "new_thread"  # the thread has no history yet
+    EVICTED = "evicted"  # it was resident in this process, then evicted for room
+    RESTARTED = "restarted"  # the process never held it (the server restarted since)
+    MISMATCH = "mismatch"  # cached tokens were not a prefix of the log
+    DISABLED = "disabled"  # residency is turned off (the recompute mode of the benchmark)

@@ -3,8 +3,9 @@
 The model runner builds one AttentionMetadata per step; every layer then calls `store_kv` for its
 new keys/values and `paged_attention` for its queries. On CUDA these are the Triton kernels in
 `kernels/`; elsewhere the pure-torch store and, for attention, the same computation as
-kernels/paged_attention_ref.py arranged for speed (tests compare the two): one padded SDPA for a
-step of decodes, else a loop over sequences in the shapes SDPA's fused CPU kernel takes.
+kernels/paged_attention_ref.py arranged for speed (tests compare the two): one padded batched
+attention for a step of decodes, else a loop over sequences in the shapes SDPA's fused CPU
+kernel takes.
 """
 
 from __future__ import annotations
@@ -158,7 +159,7 @@ def padded_decode_attention(
     mask: torch.Tensor,  # [B, 1, 1, M * bs] decode_key_mask(seq_lens, M * bs)
     scale: float,
 ) -> torch.Tensor:
-    """Decode attention of the whole batch in one SDPA instead of a loop over sequences: the
+    """Decode attention of the whole batch at once instead of a loop over sequences: the
     same result as paged_attention_ref with every q_len 1. Whole blocks are gathered (one copy
     per block, not per token); the mask hides their tail and the padding. Returns [B, Hq, D]."""
     batch, _, head_dim = q.shape
@@ -176,12 +177,17 @@ def decode_attention(
     mask: torch.Tensor,  # [B, 1, 1, K] 0 or -inf
     scale: float,
 ) -> torch.Tensor:
-    """One SDPA for a step of decodes. Returns [B, Hq, D]."""
+    """softmax(q k^T * scale + mask) v for a step of decodes, as batched products over (sequence,
+    KV head): the query heads sharing a KV head stand in as its rows, so K/V are not repeated.
+    (At one query row per head, SDPA's fused CPU kernel costs more than these three calls.)
+    Returns [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    # The query heads sharing a KV head stand in as that head's query rows: no repeat of K/V.
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, Hkv, G, D]
-    out = F.scaled_dot_product_attention(
-        qg.float(), k.float(), v.float(), attn_mask=mask, scale=scale
-    )
-    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+    _, num_kv_heads, num_keys, _ = k.shape
+    rows, group = batch * num_kv_heads, num_heads // num_kv_heads
+    qg = q.reshape(rows, group, head_dim).float()
+    k = k.reshape(rows, num_keys, head_dim).float()  # views of the decode mirror's buffers
+    v = v.reshape(rows, num_keys, head_dim).float()
+    bias = mask.expand(batch, num_kv_heads, group, num_keys).reshape(rows, group, num_keys)
+    scores = torch.baddbmm(bias, qg, k.transpose(1, 2), alpha=scale)  # [B * Hkv, G, K]
+    out = torch.bmm(torch.softmax(scores, dim=-1), v)
+    return out.view(batch, num_heads, head_dim).to(q.dtype)

@@ -1,9 +1,9 @@
 """CPU decode steps: the batch's keys and values kept contiguous from one step to the next.
 
-A step of decodes on the CPU attends with one SDPA over every sequence's keys, padded to the
-longest. Gathering them out of the paged pool anew in every layer of every step copies the whole
-history of the batch, and SDPA then reads that copy through a transpose. While the batch stays
-the same (the same sequences in the same order, each one token longer than in the step before),
+A step of decodes on the CPU attends in one batched call over every sequence's keys, padded to
+the longest. Gathering them out of the paged pool anew in every layer of every step copies the
+whole history of the batch, and attention then reads that copy through a transpose. While the
+batch stays the same (the same sequences in the same order, each one token longer than in the step before),
 the mirror instead keeps, per layer, one contiguous copy
 
     keys, values: [B, Hkv, capacity, D]     row b = the b-th sequence of the batch, by position

@@ -103,7 +103,7 @@ class ModelRunner:
             cu_seqlens_q_host=cu_seqlens_q,
             seq_lens_host=seq_lens,
         )
-        # Decodes only: one padded SDPA for the batch, unless padding to the longest table would
+        # Decodes only: one padded attention for the batch, unless padding to the longest table would
         # read more than twice the real keys (one long thread among short ones); then the
         # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
         # step; past its memory budget they are gathered from the pool every step.

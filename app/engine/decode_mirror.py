@@ -3,8 +3,8 @@
 A step of decodes on the CPU attends in one batched call over every sequence's keys, padded to
 the longest. Gathering them out of the paged pool anew in every layer of every step copies the
 whole history of the batch, and attention then reads that copy through a transpose. While the
-batch stays the same (the same sequences in the same order, each one token longer than in the step before),
-the mirror instead keeps, per layer, one contiguous copy
+batch stays the same (the same sequences in the same order, each one token longer than in the
+step before), the mirror instead keeps, per layer, one contiguous copy
 
     keys, values: [B, Hkv, capacity, D]     row b = the b-th sequence of the batch, by position
 

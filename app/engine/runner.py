@@ -103,8 +103,8 @@ class ModelRunner:
             cu_seqlens_q_host=cu_seqlens_q,
             seq_lens_host=seq_lens,
         )
-        # Decodes only: one padded attention for the batch, unless padding to the longest table would
-        # read more than twice the real keys (one long thread among short ones); then the
+        # Decodes only: one padded attention for the batch, unless padding to the longest table
+        # would read more than twice the real keys (one long thread among short ones); then the
         # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
         # step; past its memory budget they are gathered from the pool every step.
         padded_keys = len(tables) * max_blocks * bs

@@ -184,10 +184,10 @@ def decode_attention(
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, num_keys, _ = k.shape
     rows, group = batch * num_kv_heads, num_heads // num_kv_heads
-    qg = q.reshape(rows, group, head_dim).float()
+    qg = q.reshape(rows, group, head_dim).float() * scale
     k = k.reshape(rows, num_keys, head_dim).float()  # views of the decode mirror's buffers
     v = v.reshape(rows, num_keys, head_dim).float()
-    bias = mask.expand(batch, num_kv_heads, group, num_keys).reshape(rows, group, num_keys)
-    scores = torch.baddbmm(bias, qg, k.transpose(1, 2), alpha=scale)  # [B * Hkv, G, K]
-    out = torch.bmm(torch.softmax(scores, dim=-1), v)
-    return out.view(batch, num_heads, head_dim).to(q.dtype)
+    scores = torch.bmm(qg, k.transpose(1, 2)).view(batch, num_heads, num_keys)
+    scores.add_(mask.view(batch, 1, num_keys))  # the mask broadcast over the heads, no copy
+    probs = torch.softmax(scores, dim=-1).view(rows, group, num_keys)
+    return torch.bmm(probs, v).view(batch, num_heads, head_dim).to(q.dtype)

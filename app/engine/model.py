@@ -141,9 +141,18 @@ class MLP(nn.Module):
         self.w2 = LinearGroup(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x)
-        (out,) = self.w2(F.silu(gate) * up)
-        return out
+        h_t = self.w13.transposed(x)  # [2 * I, T] for a few tokens on the CPU, else None
+        if h_t is None:
+            gate, up = self.w13(x)
+            (out,) = self.w2(F.silu(gate) * up)
+            return out
+        gate_t, up_t = h_t.chunk(2)  # feature-major down to the last product: no transposes
+        act = (F.silu(gate_t) * up_t).t()  # [T, I], a view
+        out_t = self.w2.transposed(act)
+        if out_t is None:
+            (out,) = self.w2(act)
+            return out
+        return out_t.t().contiguous()
 
 
 class DecoderLayer(nn.Module):

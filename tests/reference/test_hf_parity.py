@@ -176,10 +176,14 @@ def test_variants_were_really_exercised(checkpoints):
     assert qwen2.model.layers[0].self_attn.q_proj.bias.abs().sum() > 0
 
 
-def test_chunked_prefill_and_decode_match_transformers(checkpoints, run_paged):
-    """The same logits when the sequence arrives in steps over the KV the earlier steps stored."""
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_chunked_prefill_and_decode_match_transformers(checkpoints, run_paged, packed):
+    """The same logits when the sequence arrives in steps over the KV the earlier steps stored
+    (packed: steps of a few tokens take the MLP's feature-major path)."""
     folder, hf_model = checkpoints["llama3_rope"]
     model, config = load_model(folder, "cpu", torch.float32)
+    if packed:
+        assert model.prepack_linears()
     ids = token_ids(30, config.vocab_size, seed=7)
     got = run_paged(model, ids, block_size=4, chunk_sizes=[9, 1, 1, 13, 1, 5])
     assert (got - hf_logits(hf_model, ids)).abs().max().item() <= TOLERANCE

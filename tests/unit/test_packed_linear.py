@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.engine.packed_linear import LinearGroup, can_pack
+from app.engine.packed_linear import SMALL_BATCH, LinearGroup, can_pack
 
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.empty(1)), reason="this torch build has no oneDNN prepacking"
@@ -80,3 +80,38 @@ def test_packing_does_not_apply_outside_float32_on_the_cpu():
     assert not group.pack() and not group.is_packed
     x = torch.randn(2, 16, dtype=torch.bfloat16)
     assert torch.equal(group(x)[0], linear(x))
+
+
+@pytest.mark.parametrize("rows", [1, 8, SMALL_BATCH])
+@pytest.mark.parametrize("bias", [False, True])
+def test_transposed_gives_the_outputs_feature_major(rows, bias):
+    group = LinearGroup(*linears((48, 40, bias), (48, 24, bias)))
+    x = torch.randn(rows, 48)
+    expected = torch.cat(plain(group, x), dim=1).t()
+    assert group.pack()
+    torch.testing.assert_close(group.transposed(x), expected, rtol=0, atol=1e-5)
+    # The MLP hands the down projection a transposed view: strides must not matter.
+    x_view = x.t().contiguous().t()
+    torch.testing.assert_close(group.transposed(x_view), expected, rtol=0, atol=1e-5)
+
+
+def test_transposed_declines_many_rows_and_an_unpacked_group():
+    group = LinearGroup(*linears((32, 8, False)))
+    assert group.transposed(torch.randn(2, 32)) is None  # not packed
+    group.pack()
+    assert group.transposed(torch.randn(SMALL_BATCH + 1, 32)) is None
+    assert group.transposed(torch.randn(SMALL_BATCH, 32)) is not None
+
+
+def test_packing_keeps_the_weights_as_views_of_one_matrix():
+    group = LinearGroup(*linears((32, 8, True), (32, 4, False), (32, 4, False)))
+    before = [linear.state_dict() for linear in group.linears]
+    group.pack()
+    after = [linear.state_dict() for linear in group.linears]
+    for b, a in zip(before, after, strict=True):
+        assert b.keys() == a.keys() and all(torch.equal(b[k], a[k]) for k in b)
+    storages = {linear.weight.untyped_storage().data_ptr() for linear in group.linears}
+    assert len(storages) == 1  # no second copy besides the packed one
+    with torch.no_grad():
+        group.linears[2].weight.zero_()  # a write through one view
+    assert not group.is_packed and group.transposed(torch.randn(2, 32)) is None

@@ -115,13 +115,7 @@ class EngineSender:
 
     async def send_turn(self, thread_id: str, conversation: Conversation, turn: int) -> TurnRecord:
         spec = conversation.turns[turn - 1]
-        record = TurnRecord(
-            conversation=conversation.index,
-            turn=turn,
-            user_tokens=spec.user_tokens,
-            max_tokens=spec.max_tokens,
-            thread_id=thread_id,
-        )
+        record = TurnRecord.for_turn(conversation, turn, thread_id)
         history = self.logs[thread_id]
         new_ids = user_ids(conversation, turn, self.first_id, self.vocab_size)
         params = SamplingParams(

@@ -94,13 +94,7 @@ class HttpSender:
 
     async def send_turn(self, thread_id: str, conversation: Conversation, turn: int) -> TurnRecord:
         spec = conversation.turns[turn - 1]
-        record = TurnRecord(
-            conversation=conversation.index,
-            turn=turn,
-            user_tokens=spec.user_tokens,
-            max_tokens=spec.max_tokens,
-            thread_id=thread_id,
-        )
+        record = TurnRecord.for_turn(conversation, turn, thread_id)
         body = {
             "content": user_text(conversation, turn),
             "max_tokens": spec.max_tokens,

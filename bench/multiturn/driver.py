@@ -57,13 +57,10 @@ async def play(
                 threads[conversation.index] = await sender.create_thread(conversation)
             record = await sender.send_turn(threads[conversation.index], conversation, turn)
         except Exception as exc:  # noqa: BLE001 - one failed turn must not end the run
-            spec = conversation.turns[turn - 1]
-            record = TurnRecord(
-                conversation=conversation.index,
-                turn=turn,
-                user_tokens=spec.user_tokens,
-                max_tokens=spec.max_tokens,
-                thread_id=threads.get(conversation.index, ""),
+            record = TurnRecord.for_turn(
+                conversation,
+                turn,
+                threads.get(conversation.index, ""),
                 error=f"{type(exc).__name__}: {exc}",
             )
         record.started_s = sent_at

@@ -6,6 +6,10 @@ Standard library only, shared by the HTTP driver and the engine-level GPU script
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.multiturn.workloads import Conversation
 
 MODES = ("cache", "recompute")
 
@@ -33,6 +37,21 @@ class TurnRecord:
     # previous turn's lock just after its `done` event (timing starts at the attempt that ran).
     busy_retries: int = 0
     error: str | None = None
+
+    @classmethod
+    def for_turn(
+        cls, conversation: Conversation, turn: int, thread_id: str, error: str | None = None
+    ) -> TurnRecord:
+        """The record of turn `turn` (1-based) of `conversation`, before anything is measured."""
+        spec = conversation.turns[turn - 1]
+        return cls(
+            conversation=conversation.index,
+            turn=turn,
+            user_tokens=spec.user_tokens,
+            max_tokens=spec.max_tokens,
+            thread_id=thread_id,
+            error=error,
+        )
 
     @property
     def ok(self) -> bool:

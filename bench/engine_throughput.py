@@ -28,30 +28,13 @@ from pathlib import Path
 import torch
 
 from app.engine.engine import LLMEngine
-from app.engine.hf_config import llama_config_kwargs
+from app.engine.hf_config import transformers_twin
 from app.engine.loader import resolve_model
 from app.engine.model import CausalLM
 from app.engine.types import FinishEvent, SamplingParams
 
 MODEL_NAME = "builtin-bench-random"
 OUT = Path(__file__).parent / "out" / "engine_throughput.json"
-
-
-def hf_twin(model: CausalLM):
-    """transformers' LlamaForCausalLM with the same weights."""
-    import transformers
-
-    hf_config = transformers.LlamaConfig(
-        **llama_config_kwargs(model.config),
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or any("rotary" not in name for name in missing):
-        raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
-    return hf
 
 
 class FirstTokenClock:
@@ -136,7 +119,7 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     loaded = resolve_model(MODEL_NAME, device="cpu", dtype=torch.float32)
     model = loaded.model
-    hf = hf_twin(model)
+    hf = transformers_twin(model)
     num_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
 

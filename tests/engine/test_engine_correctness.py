@@ -7,7 +7,7 @@ import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish, tiny_config
 
 from app.engine.engine import LLMEngine
-from app.engine.hf_config import llama_config_kwargs
+from app.engine.hf_config import transformers_twin
 from app.engine.model import CausalLM
 from app.engine.scheduler import ScheduledBatch
 from app.engine.sequence import Sequence
@@ -141,16 +141,8 @@ def test_batched_equals_alone_with_chunked_prefill_and_decodes_mixed(model):
 
 
 def test_greedy_generation_matches_transformers(model):
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.LlamaConfig(
-        **llama_config_kwargs(model.config),
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    assert not unexpected and all("rotary" in name for name in missing)
+    pytest.importorskip("transformers")
+    hf = transformers_twin(model)  # raises unless only transformers' rotary buffer is missing
 
     prompts = [random_ids(n, seed=200 + n) for n in (3, 17, 30)]
     max_new = 20

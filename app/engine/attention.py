@@ -144,8 +144,7 @@ def attention_per_sequence(
 
 def decode_key_mask(seq_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
     """[B, 1, 1, num_keys] additive float32 mask for padded_decode_attention: 0 for the keys below
-    each sequence's length, -inf past it. Built once a step: SDPA would turn a bool mask into
-    this in every layer."""
+    each sequence's length, -inf past it. Built once a step and added in every layer."""
     past_end = torch.arange(num_keys, device=seq_lens.device) >= seq_lens.unsqueeze(1)  # [B, K]
     mask = torch.zeros(past_end.shape, dtype=torch.float32, device=seq_lens.device)
     return mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
@@ -162,12 +161,18 @@ def padded_decode_attention(
     """Decode attention of the whole batch at once instead of a loop over sequences: the
     same result as paged_attention_ref with every q_len 1. Whole blocks are gathered (one copy
     per block, not per token); the mask hides their tail and the padding. Returns [B, Hq, D]."""
-    batch, _, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    flat = blocks.reshape(-1)
-    k = k_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
-    v = v_cache.index_select(0, flat).view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+    k = gather_padded(k_cache, blocks)
+    v = gather_padded(v_cache, blocks)
     return decode_attention(q, k, v, mask, scale)
+
+
+def gather_padded(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Every sequence's blocks from a pool [N, bs, Hkv, D], as [B, Hkv, M * bs, D] (a
+    transposed view of one copy). blocks: [B, M] padded block tables."""
+    batch = blocks.shape[0]
+    _, _, num_kv_heads, head_dim = cache.shape
+    gathered = cache.index_select(0, blocks.reshape(-1))  # [B * M, bs, Hkv, D]
+    return gathered.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
 
 
 def decode_attention(
@@ -179,7 +184,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for a step of decodes, as batched products over (sequence,
     KV head): the query heads sharing a KV head stand in as its rows, so K/V are not repeated.
-    (At one query row per head, SDPA's fused CPU kernel costs more than these three calls.)
+    (At one query row per head, SDPA's fused CPU kernel costs more than these few calls.)
     Returns [B, Hq, D]."""
     batch, num_heads, head_dim = q.shape
     _, num_kv_heads, num_keys, _ = k.shape

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import decode_key_mask
+from app.engine.attention import decode_key_mask, gather_padded
 
 HEADROOM_TOKENS = 128  # room to grow before a refill; a refill costs what every step used to
 
@@ -45,7 +45,7 @@ class MirrorStep:
     capacity: int
     num_keys: int  # the longest sequence: keys [0, num_keys) are read, the mask hides the rest
     mask: torch.Tensor  # [B, 1, 1, num_keys] float32, 0 or -inf
-    blocks: torch.Tensor  # [B * M] int64, every row's block table padded to M blocks (refill)
+    blocks: torch.Tensor  # [B, M] int64, every row's block table padded to M blocks (refill)
     slots: torch.Tensor  # [B] int64, the pool slot of each row's new token (append)
     rows: torch.Tensor  # [B] int64, 0..B-1
     positions: torch.Tensor  # [B] int64, each row's new token position
@@ -62,14 +62,12 @@ class MirrorStep:
             self.mirror.buffers(layer, batch, self.capacity, k_cache),
             strict=True,
         ):
-            _, _, num_kv_heads, head_dim = cache.shape
             if self.refill:
-                gathered = cache.index_select(0, self.blocks)  # [B * M, bs, Hkv, D]
-                gathered = gathered.view(batch, -1, num_kv_heads, head_dim).transpose(1, 2)
+                gathered = gather_padded(cache, self.blocks)  # [B, Hkv, M * bs, D]
                 buffer[:, :, : gathered.shape[2]].copy_(gathered)
             else:
-                new = cache.view(-1, num_kv_heads, head_dim).index_select(0, self.slots)
-                buffer[self.rows, :, self.positions] = new  # [B, Hkv, D]
+                new = cache.flatten(0, 1).index_select(0, self.slots)  # [B, Hkv, D]
+                buffer[self.rows, :, self.positions] = new
             out.append(buffer[:, :, : self.num_keys])
         return out[0], out[1]
 
@@ -120,7 +118,7 @@ class DecodeMirror:
             capacity=capacity,
             num_keys=max_len,
             mask=decode_key_mask(lens, max_len),
-            blocks=padded_tables.reshape(-1),
+            blocks=padded_tables,
             slots=slot_mapping,
             rows=torch.arange(len(seq_ids)),
             positions=lens - 1,

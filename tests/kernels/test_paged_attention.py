@@ -1,15 +1,16 @@
 """kernels/paged_attention.py against kernels/paged_attention_ref.py under the Triton interpreter.
 
-Each batch is built fresh by `build_paged_batch` (paged_batches.py): blocks scattered over the pool,
-NaN in every slot that holds no key. (prefix, q_len) pairs are chosen around the block size.
+Each batch is built fresh by `build_paged_batch` (kernels/testing.py, shared with bench/gpu_check.py):
+blocks scattered over the pool, NaN in every slot that holds no key. (prefix, q_len) pairs are
+chosen around the block size.
 """
 
 import pytest
 import torch
-from paged_batches import TOLERANCES, PagedBatch, build_paged_batch
 
 from kernels.paged_attention import paged_attention
 from kernels.paged_attention_ref import paged_attention_ref
+from kernels.testing import TOLERANCES, PagedBatch, build_paged_batch
 
 # A first prefill of one token, chunks on and off block boundaries, decodes at a block edge.
 MIXED = [(0, 1), (0, 15), (16, 1), (17, 16), (5, 33), (0, 17), (31, 2)]
@@ -18,35 +19,15 @@ DECODE = [(0, 1), (15, 1), (16, 1), (63, 1), (100, 1), (32, 1), (7, 1), (47, 1),
 
 
 def _run(batch: PagedBatch, **kwargs) -> torch.Tensor:
-    options = {"max_seqlen_q": batch.max_seqlen_q, "max_seqlen_k": batch.max_seqlen_k} | kwargs
-    return paged_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.scale,
-        **options,
-    )
-
-
-def _reference(batch: PagedBatch) -> torch.Tensor:
-    return paged_attention_ref(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.scale,
-    )
+    return paged_attention(*batch.attention_args(), **batch.max_seqlens() | kwargs)
 
 
 def _check(batch: PagedBatch, **kwargs) -> None:
     out = _run(batch, **kwargs)
     assert out.shape == batch.q.shape and out.dtype == batch.q.dtype
-    torch.testing.assert_close(out, _reference(batch), **TOLERANCES[batch.q.dtype])
+    torch.testing.assert_close(
+        out, paged_attention_ref(*batch.attention_args()), **TOLERANCES[batch.q.dtype]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

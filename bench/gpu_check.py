@@ -6,8 +6,9 @@
 1. Correctness: kernels.paged_attention and kernels.store_kv against their pure-torch references
    on fresh random paged batches (decode batches of 32-256, prefill chunks on cached prefixes mixed
    with decodes, head_dim 64 and 128, grouped-query heads, split-KV), in bfloat16, and a subset in
-   float16 and float32. Tolerance |out - ref| <= atol + rtol * |ref| with atol = rtol = 2e-2
-   (bf16), 2e-3 (fp16), 1e-5 (fp32). The reference runs with SDPA's math backend and TF32 off.
+   float16 and float32. Tolerance |out - ref| <= atol + rtol * |ref| by dtype, from the table the
+   kernel tests use (kernels/testing.py, which also builds the batches). The reference runs with
+   SDPA's math backend and TF32 off.
 2. Speed (bf16, CUDA events, median of --reps after warmup): Triton paged attention against
    torch's F.scaled_dot_product_attention on the same keys and values already gathered into
    contiguous [B, H, S, D] tensors (the gather is not timed: SDPA gets the favourable side).
@@ -35,10 +36,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# kernels.* is imported inside the functions: TRITON_INTERPRET must be set before that.
+# Run as a script, bench/ is on sys.path and the repository root is not.
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-TOLERANCES = {"bfloat16": 2e-2, "float16": 2e-3, "float32": 1e-5}
+sys.path.insert(0, str(REPO_ROOT))
+# kernels.testing defines no kernel; the kernels are imported inside the functions, since
+# TRITON_INTERPRET must be set before they are.
+from kernels.testing import TOLERANCES, PagedBatch, build_paged_batch  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,7 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         # Read when the kernels are defined: before kernels.* is imported.
         os.environ["TRITON_INTERPRET"] = "1"
-    sys.path.insert(0, str(REPO_ROOT))
     if args.interpret_smoke:
         device = torch.device("cpu")
         checks = run_checks(smoke_cases(), device)
@@ -92,78 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"all {len(checks)} checks passed")
     return 0
-
-
-# --- random paged batches ---------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    q: torch.Tensor  # [T, Hq, D]
-    k_cache: torch.Tensor  # [N, bs, Hkv, D], views of one pool
-    v_cache: torch.Tensor
-    block_tables: torch.Tensor  # [B, M] int32
-    cu_seqlens_q: torch.Tensor  # [B + 1] int32
-    seq_lens: torch.Tensor  # [B] int32
-    prefix_lens: list[int]
-    q_lens: list[int]
-    scale: float
-
-    @property
-    def max_seqlen_q(self) -> int:
-        return max(self.q_lens)
-
-    @property
-    def max_seqlen_k(self) -> int:
-        return max(p + q for p, q in zip(self.prefix_lens, self.q_lens, strict=True))
-
-
-def make_batch(
-    prefix_lens: list[int],
-    q_lens: list[int],
-    num_heads: int,
-    num_kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> Batch:
-    """Blocks scattered over the pool; NaN in every slot that holds no key of any sequence."""
-    seq_lens = [p + q for p, q in zip(prefix_lens, q_lens, strict=True)]
-    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks_per_seq) + 8
-    order = torch.randperm(num_blocks)
-    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
-    slots, used = [], 0
-    for b, (length, count) in enumerate(zip(seq_lens, blocks_per_seq, strict=True)):
-        block_tables[b, :count] = order[used : used + count].int()
-        used += count
-        pos = torch.arange(length)
-        slots.append(block_tables[b, pos // block_size].long() * block_size + pos % block_size)
-    all_slots = torch.cat(slots).to(device)
-
-    pool = torch.full(
-        (2, num_blocks, block_size, num_kv_heads, head_dim),
-        float("nan"),
-        dtype=dtype,
-        device=device,
-    )
-    fresh = torch.randn(2, all_slots.numel(), num_kv_heads, head_dim, device=device)
-    pool.view(2, -1, num_kv_heads, head_dim)[:, all_slots] = fresh.to(dtype)
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(q_lens).cumsum(0)
-    q = torch.randn(int(cu[-1]), num_heads, head_dim, device=device).to(dtype)
-    return Batch(
-        q=q,
-        k_cache=pool[0],
-        v_cache=pool[1],
-        block_tables=block_tables.to(device),
-        cu_seqlens_q=cu.to(device),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        prefix_lens=list(prefix_lens),
-        q_lens=list(q_lens),
-        scale=head_dim**-0.5,
-    )
 
 
 # --- correctness ------------------------------------------------------------------------------
@@ -216,10 +146,11 @@ def run_checks(cases: list[Case], device: torch.device) -> list[dict]:
     rows = []
     for case in cases:
         for dtype_name in case.dtypes:
-            torch.manual_seed(len(rows))
             label = {"kernel": "paged_attention", "case": case.name, "dtype": dtype_name}
-            rows.append(_guarded(label, partial(_check_attention, case, dtype_name, device)))
+            check = partial(_check_attention, case, dtype_name, device, seed=len(rows))
+            rows.append(_guarded(label, check))
     for dtype_name in ("bfloat16", "float32") if device.type == "cuda" else ("float32",):
+        torch.manual_seed(len(rows))
         label = {"kernel": "store_kv", "case": "padded tokens", "dtype": dtype_name}
         rows.append(_guarded(label, partial(_check_store_kv, dtype_name, device)))
     return rows
@@ -234,39 +165,29 @@ def _guarded(label: dict, check: Callable[[], dict]) -> dict:
         return label | {"ratio": "-", "ok": f"error: {type(exc).__name__}"}
 
 
-def _check_attention(case: Case, dtype_name: str, device: torch.device) -> dict:
+def _check_attention(case: Case, dtype_name: str, device: torch.device, seed: int) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.paged_attention import paged_attention
     from kernels.paged_attention_ref import paged_attention_ref
 
     dtype = getattr(torch, dtype_name)
-    batch = make_batch(
-        case.prefix_lens,
-        case.q_lens,
+    batch = build_paged_batch(
+        list(zip(case.prefix_lens, case.q_lens, strict=True)),
         case.num_heads,
         case.num_kv_heads,
         case.head_dim,
         case.block_size,
         dtype,
-        device,
+        seed=seed,
+        device=device,
     )
     out = paged_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.scale,
-        max_seqlen_q=batch.max_seqlen_q,
-        max_seqlen_k=batch.max_seqlen_k,
-        num_kv_splits=case.num_kv_splits,
+        *batch.attention_args(), **batch.max_seqlens(), num_kv_splits=case.num_kv_splits
     )
-    args = (batch.k_cache, batch.v_cache, batch.block_tables, batch.cu_seqlens_q, batch.seq_lens)
     with sdpa_kernel(SDPBackend.MATH):
-        ref = paged_attention_ref(batch.q, *args, batch.scale)
-    return _compare(out, ref, TOLERANCES[dtype_name])
+        ref = paged_attention_ref(*batch.attention_args())
+    return _compare(out, ref, **TOLERANCES[dtype])
 
 
 def _check_store_kv(dtype_name: str, device: torch.device) -> dict:
@@ -287,9 +208,9 @@ def _check_store_kv(dtype_name: str, device: torch.device) -> dict:
     return {"ratio": 0.0 if same else float("inf"), "ok": "yes" if same else "no"}
 
 
-def _compare(out, ref, tol: float) -> dict:
+def _compare(out, ref, atol: float, rtol: float) -> dict:
     err = (out.float() - ref.float()).abs()
-    ratio = (err / (tol + tol * ref.float().abs())).max().item()
+    ratio = (err / (atol + rtol * ref.float().abs())).max().item()
     ok = ratio <= 1.0  # NaN compares False
     return {"ratio": round(ratio, 4), "ok": "yes" if ok else "no"}
 
@@ -313,11 +234,11 @@ def time_us(fn: Callable[[], object], reps: int, warmup: int = 5) -> float:
     return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def gathered(batch: Batch, pad_to: int | None = None):
+def gathered(batch: PagedBatch, pad_to: int | None = None):
     """Each sequence's keys and values as contiguous [B, Hkv, S, D] tensors (padded with 0)."""
     from kernels.paged_attention_ref import gather_kv
 
-    lens = [p + q for p, q in zip(batch.prefix_lens, batch.q_lens, strict=True)]
+    lens = batch.seq_lens.tolist()
     length = pad_to or max(lens)
     num_seqs = len(lens)
     k = batch.k_cache.new_zeros(num_seqs, length, *batch.k_cache.shape[2:])
@@ -376,8 +297,11 @@ def run_timings(device: torch.device, reps: int) -> list[dict]:
 def _time_decode(prefixes: list[int], heads: dict, device: torch.device, reps: int) -> dict:
     from kernels.paged_attention import paged_attention
 
-    batch = make_batch(prefixes, [1] * len(prefixes), dtype=torch.bfloat16, device=device, **heads)
-    triton_us = time_us(lambda: _call(paged_attention, batch), reps)
+    seqs = [(prefix, 1) for prefix in prefixes]
+    batch = build_paged_batch(seqs, dtype=torch.bfloat16, device=device, **heads)
+    triton_us = time_us(
+        lambda: paged_attention(*batch.attention_args(), **batch.max_seqlens()), reps
+    )
     k, v = gathered(batch)
     q = batch.q.unsqueeze(2)  # [B, Hq, 1, D]
     lens = batch.seq_lens.long()
@@ -395,10 +319,11 @@ def _time_prefill(
 ) -> dict:
     from kernels.paged_attention import paged_attention
 
-    batch = make_batch(
-        [prefix] * num_seqs, [chunk] * num_seqs, dtype=torch.bfloat16, device=device, **heads
+    seqs = [(prefix, chunk)] * num_seqs
+    batch = build_paged_batch(seqs, dtype=torch.bfloat16, device=device, **heads)
+    triton_us = time_us(
+        lambda: paged_attention(*batch.attention_args(), **batch.max_seqlens()), reps
     )
-    triton_us = time_us(lambda: _call(paged_attention, batch), reps)
     k, v = gathered(batch)
     q = batch.q.view(num_seqs, chunk, *batch.q.shape[1:]).transpose(1, 2).contiguous()
     if prefix == 0:
@@ -439,20 +364,6 @@ def _time_store_kv(num_tokens: int, device: torch.device, reps: int) -> dict:
     torch_us = time_us(index_copy, reps)
     moved = 2 * 2 * key.numel() * key.element_size()  # read + write, keys and values
     return _speed_row(triton_us, torch_us, moved, "vs 2x index_copy_")
-
-
-def _call(paged_attention, batch: Batch):
-    return paged_attention(
-        batch.q,
-        batch.k_cache,
-        batch.v_cache,
-        batch.block_tables,
-        batch.cu_seqlens_q,
-        batch.seq_lens,
-        batch.scale,
-        max_seqlen_q=batch.max_seqlen_q,
-        max_seqlen_k=batch.max_seqlen_k,
-    )
 
 
 def _speed_row(triton_us: float, torch_us: float, num_bytes: int | None, note: str) -> dict:

@@ -27,7 +27,7 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.template import TemplateConfig
 
-from app.api.billing import BillingPageController
+from app.api.billing_page import BillingPageController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
 from app.api.metrics import metrics

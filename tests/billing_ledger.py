@@ -1,4 +1,4 @@
-"""Test helper: write ledger rows directly, the way a turn bills itself (app/billing/prices.py),
+"""Test helper: write ledger rows directly, the way a turn bills itself (app/billing/ledger.py),
 for report tests that need many turns, several days or several accounts without running a model."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.billing.ledger import TurnTokens, usage_row
 from app.billing.prices import UnitPrices
 from app.db.models import Account, Thread, UsageRecord
 
@@ -37,20 +38,13 @@ def add_turn(
     prices: UnitPrices,
     at: datetime,
 ) -> UsageRecord:
-    row = UsageRecord(
-        account_id=account_id,
-        thread_id=thread_id,
-        model=model,
-        input_tokens=cached + fresh,
-        cached_tokens=cached,
-        fresh_tokens=fresh,
-        output_tokens=output,
-        miss_reason=None if cached else "new_thread",
-        price_fresh_input=prices.fresh_input,
-        price_cached_input=prices.cached_input,
-        price_output=prices.output,
-        cost=prices.cost(cached_tokens=cached, fresh_tokens=fresh, output_tokens=output),
-        created_at=at,
+    tokens = TurnTokens(
+        input_tokens=cached + fresh, cached_tokens=cached, fresh_tokens=fresh, output_tokens=output
     )
+    miss_reason = None if cached else "new_thread"
+    row = usage_row(
+        account_id, thread_id, model, prices, tokens, miss_reason=miss_reason, timings={}
+    )
+    row.created_at = at
     session.add(row)  # written at the caller's next flush or commit
     return row

@@ -1,4 +1,7 @@
-"""The report as plain values: money as exact decimal strings, and the CSV download.
+"""The report as plain values: money as exact decimal strings, the JSON body and the CSV download.
+
+    report_body(report) -> schemas.BillingReport    the JSON report's body
+    report_csv(report) -> str                       its rows as CSV, one column per sum
 
 Money is written in plain positional notation without trailing zeros ("0.0000123", "12.5", "0"):
 never as a float, and never in exponent form, which `str(Decimal)` uses for small values
@@ -11,6 +14,7 @@ import csv
 import io
 from decimal import Decimal
 
+from app.billing import schemas
 from app.billing.report import Report, UsageSums
 
 SUM_COLUMNS = (
@@ -56,3 +60,13 @@ def report_csv(report: Report) -> str:
         values = sums_values(row.sums)
         writer.writerow((row.key, *(values[c] for c in SUM_COLUMNS)))
     return out.getvalue()
+
+
+def report_body(report: Report) -> schemas.BillingReport:
+    return schemas.BillingReport(
+        start=report.days.start.isoformat(),
+        end=report.days.end.isoformat(),
+        group_by=report.group_by.value,
+        rows=[schemas.ReportRow(key=row.key, **sums_values(row.sums)) for row in report.rows],
+        totals=schemas.ReportSums(**sums_values(report.totals)),
+    )

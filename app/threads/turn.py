@@ -11,7 +11,8 @@
 `begin` does every check that can reject the request (413, 404, 409, 400 context overflow) before
 anything streams, so those are plain HTTP errors. Generation writes nothing; after the engine's
 FinishEvent one transaction inserts the user message, the assistant message and the ledger row
-and advances the thread's counters; then the engine keeps the turn's KV (`commit_turn`). Any
+and advances the thread's counters (app/threads/turn_record.py); then the engine keeps the turn's
+KV (`commit_turn`). Any
 failure, or the caller going away before that transaction, rolls the engine back instead, so the
 KV cache never holds tokens the database does not.
 """
@@ -23,31 +24,27 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from decimal import Decimal
 
 import msgspec
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.billing.prices import PriceBook
-from app.db import ids, models
 from app.engine.types import FinishEvent, SamplingParams
 from app.threads import schemas, store
 from app.threads.errors import (
     ContextLengthExceeded,
     GenerationFailed,
-    IdempotencyConflict,
     IdempotencyKeyReused,
     InvalidField,
     MessageTooLarge,
     ThreadNotFound,
 )
-from app.threads.ports import ModelRuntime
+from app.threads.ports import ModelRuntime, TurnEngine
 from app.threads.shield import run_to_completion
 from app.threads.stop_holdback import StopHoldback
 from app.threads.text import reject_nul, storable
 from app.threads.turn_lock import TurnLocks, session_on
-from app.threads.views import unix_seconds
+from app.threads.turn_record import TurnRecorder
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +85,8 @@ class TurnService:
         self._sessions = sessions
         self._runtime = runtime
         self._locks = locks
-        self._prices = prices
         self._limits = limits
+        self._recorder = TurnRecorder(runtime.name, runtime.chat_format, prices)
 
     async def begin(
         self,
@@ -136,7 +133,8 @@ class TurnService:
             new_ids = self._runtime.chat_format.user_turn(request.content)
             params = self._sampling_params(request, len(history_ids), len(new_ids))
             return Turn(
-                service=self,
+                engine=self._runtime.engine,
+                recorder=self._recorder,
                 account_id=account_id,
                 thread_id=thread_id,
                 request=request,
@@ -201,116 +199,6 @@ class TurnService:
             raise IdempotencyKeyReused(key)
         return Replayed(msgspec.convert(stored["body"], schemas.TurnResult))
 
-    async def _commit(self, turn: Turn, finish: FinishEvent) -> schemas.TurnResult:
-        """The one transaction of a turn, then the engine keeps its KV; or both roll back."""
-        try:
-            result = await self._write(turn, finish)
-        except BaseException:
-            turn.settle(self._runtime.engine.rollback_turn)
-            raise
-        turn.settle(self._runtime.engine.commit_turn)
-        return result
-
-    async def _write(self, turn: Turn, finish: FinishEvent) -> schemas.TurnResult:
-        chat_format = self._runtime.chat_format
-        counts = finish.counts
-        reply_ids = list(finish.token_ids) + chat_format.assistant_end(
-            list(finish.token_ids), finish.finish_reason
-        )
-        unit = self._prices().for_model(self._runtime.name)
-        cost = unit.cost(
-            cached_tokens=counts.cached_tokens,
-            fresh_tokens=counts.computed_tokens,
-            output_tokens=counts.generated_tokens,
-        )
-        miss_reason = None if counts.miss_reason is None else counts.miss_reason.value
-        try:
-            async with session_on(turn.conn) as session, session.begin():
-                thread = await store.get_thread(
-                    session, turn.account_id, turn.thread_id, for_update=True
-                )
-                if thread is None:
-                    raise ThreadNotFound(turn.thread_id)
-                if thread.token_count != len(turn.history_ids):
-                    # Cannot happen under the turn lock; refuse rather than corrupt the log.
-                    raise GenerationFailed("the thread changed while the turn ran")
-                position = thread.message_count
-                user = models.Message(
-                    id=ids.new_id(ids.MESSAGE),
-                    thread_id=thread.id,
-                    position=position,
-                    role="user",
-                    content=turn.request.content,
-                    token_ids=list(turn.new_ids),
-                )
-                reply = models.Message(
-                    id=ids.new_id(ids.MESSAGE),
-                    thread_id=thread.id,
-                    position=position + 1,
-                    role="assistant",
-                    content=storable(finish.text),
-                    token_ids=reply_ids,
-                )
-                session.add_all([user, reply])
-                thread.token_count += len(turn.new_ids) + len(reply_ids)
-                thread.message_count += 2
-                store.touch(thread)
-                await session.flush()  # gives the messages their created_at
-                result = schemas.TurnResult(
-                    thread_id=thread.id,
-                    message=schemas.AssistantMessage(
-                        id=reply.id,
-                        thread_id=thread.id,
-                        position=reply.position,
-                        role="assistant",
-                        content=reply.content,
-                        token_count=len(reply_ids),
-                        created_at=unix_seconds(reply.created_at),
-                        finish_reason=finish.finish_reason,
-                    ),
-                    usage=schemas.Usage(
-                        input_tokens=counts.prompt_tokens,
-                        cached_tokens=counts.cached_tokens,
-                        fresh_tokens=counts.computed_tokens,
-                        output_tokens=counts.generated_tokens,
-                        cost=_decimal_text(cost),
-                    ),
-                    cache=schemas.TurnCache(hit=miss_reason is None, miss_reason=miss_reason),
-                )
-                stored = None
-                if turn.idempotency_key is not None:
-                    stored = {
-                        "request_sha256": turn.fingerprint,
-                        "body": msgspec.to_builtins(result),
-                    }
-                session.add(
-                    models.UsageRecord(
-                        id=ids.new_id(ids.USAGE),
-                        account_id=turn.account_id,
-                        thread_id=thread.id,
-                        model=self._runtime.name,
-                        input_tokens=counts.prompt_tokens,
-                        cached_tokens=counts.cached_tokens,
-                        fresh_tokens=counts.computed_tokens,
-                        output_tokens=counts.generated_tokens,
-                        miss_reason=miss_reason,
-                        price_fresh_input=unit.fresh_input,
-                        price_cached_input=unit.cached_input,
-                        price_output=unit.output,
-                        cost=cost,
-                        queue_ms=_ms(finish.timings.get("queue_s")),
-                        ttft_ms=_ms(finish.timings.get("ttft_s")),
-                        total_ms=_ms(finish.timings.get("total_s")),
-                        idempotency_key=turn.idempotency_key,
-                        response=stored,
-                    )
-                )
-        except IntegrityError as exc:
-            if turn.idempotency_key is not None and "idempotency_key" in str(exc.orig):
-                raise IdempotencyConflict(turn.idempotency_key) from None
-            raise
-        return result
-
 
 class Turn:
     """A turn that passed every check and holds its thread's lock; see the module docstring."""
@@ -318,7 +206,8 @@ class Turn:
     def __init__(
         self,
         *,
-        service: TurnService,
+        engine: TurnEngine,
+        recorder: TurnRecorder,
         account_id: str,
         thread_id: str,
         request: schemas.AppendMessageRequest,
@@ -331,7 +220,8 @@ class Turn:
         conn: AsyncConnection,
         unlock: AsyncExitStack,
     ) -> None:
-        self._service = service
+        self._engine = engine
+        self._recorder = recorder
         self.account_id = account_id
         self.thread_id = thread_id
         self.request = request
@@ -353,7 +243,7 @@ class Turn:
         self._events = self._run()
         return self._events
 
-    def settle(self, engine_call) -> None:
+    def _settle(self, engine_call) -> None:
         if self._settled:
             return
         self._settled = True
@@ -375,18 +265,27 @@ class Turn:
             if self._events is not None:
                 await self._events.aclose()
             if self._finished:
-                self.settle(self._service._runtime.engine.rollback_turn)
+                self._settle(self._engine.rollback_turn)
         finally:
             await self._unlock.aclose()
 
+    async def _commit(self, finish: FinishEvent) -> schemas.TurnResult:
+        """The one transaction of a turn, then the engine keeps its KV; or both roll back."""
+        try:
+            result = await self._recorder.record(self, finish)
+        except BaseException:
+            self._settle(self._engine.rollback_turn)
+            raise
+        self._settle(self._engine.commit_turn)
+        return result
+
     async def _run(self) -> AsyncIterator[TextDelta | TurnDone]:
-        engine = self._service._runtime.engine
         holdback = StopHoldback(self.params.stop)
         finish: FinishEvent | None = None
         try:
             try:
                 # Raises at once for a turn the engine refuses (stopped, pool too small).
-                stream = engine.generate(
+                stream = self._engine.generate(
                     self.thread_id,
                     self.history_ids,
                     self.new_ids,
@@ -415,7 +314,7 @@ class Turn:
                 raise GenerationFailed("the engine stopped before the reply was finished")
             if rest := holdback.finish(storable(finish.text)):
                 yield TextDelta(rest)
-            result = await run_to_completion(self._service._commit(self, finish))
+            result = await run_to_completion(self._commit(finish))
             # Unlock before the client hears `done`: a client that sends its next turn the moment
             # it reads the result must not find the thread still busy. (close() unlocks again: a
             # no-op on an exit stack already closed.)
@@ -423,7 +322,7 @@ class Turn:
             yield TurnDone(result)
         finally:
             if self._finished:
-                self.settle(engine.rollback_turn)  # no-op once committed
+                self._settle(self._engine.rollback_turn)  # no-op once committed
 
 
 def _fingerprint(thread_id: str, request: schemas.AppendMessageRequest) -> str:
@@ -443,11 +342,3 @@ def _check_idempotency_key(key: str) -> None:
             "Idempotency-Key",
             f"must be 1 to {MAX_IDEMPOTENCY_KEY_LENGTH} printable ASCII characters",
         )
-
-
-def _decimal_text(value: Decimal) -> str:
-    return format(value.normalize(), "f") if value else "0"
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000.0

@@ -1,9 +1,19 @@
-"""Database rows -> response structs."""
+"""Database rows -> response structs.
+
+    thread_view(thread_row)                                  -> schemas.Thread
+    message_view(message_row)                                -> schemas.Message
+    turn_result_view(reply_row, "stop", usage_ledger_row)    -> schemas.TurnResult
+
+A turn's usage is read from its ledger row, so what the client is told is what it is billed.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
+import msgspec
+
+from app.billing.export import money
 from app.db import models
 from app.threads import schemas
 
@@ -33,4 +43,27 @@ def message_view(row: models.Message) -> schemas.Message:
         content=row.content,
         token_count=len(row.token_ids),
         created_at=unix_seconds(row.created_at),
+    )
+
+
+def usage_view(row: models.UsageRecord) -> schemas.Usage:
+    return schemas.Usage(
+        input_tokens=row.input_tokens,
+        cached_tokens=row.cached_tokens,
+        fresh_tokens=row.fresh_tokens,
+        output_tokens=row.output_tokens,
+        cost=money(row.cost),
+    )
+
+
+def turn_result_view(
+    reply: models.Message, finish_reason: str, usage: models.UsageRecord
+) -> schemas.TurnResult:
+    """A committed turn: its assistant message (flushed: it has its created_at) and ledger row."""
+    message = msgspec.structs.asdict(message_view(reply))
+    return schemas.TurnResult(
+        thread_id=reply.thread_id,
+        message=schemas.AssistantMessage(**message, finish_reason=finish_reason),
+        usage=usage_view(usage),
+        cache=schemas.TurnCache(hit=usage.miss_reason is None, miss_reason=usage.miss_reason),
     )

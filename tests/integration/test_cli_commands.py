@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.devdb import free_port
 from tests.integration._processes import clean_env, interrupt, run_cli, start, wait_healthy
+from tests.ports import free_port
 
 
 def _one_line(text: str) -> str:

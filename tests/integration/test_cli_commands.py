@@ -82,3 +82,12 @@ def test_serve_answers_healthz_and_stops_on_ctrl_c(db_url: str, tmp_path: Path) 
         assert response.json() == {"status": "ok", "database": "ok"}
     finally:
         assert interrupt(server) == 0, log.read_text()
+
+
+def test_served_commands_never_load_devtools() -> None:
+    # `dev` imports devtools/ only when it runs: the CLI with all its parsers loads none of it.
+    result = run_cli("app", "--help", env=clean_env(PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "app.cli.dev" in imported  # the import log is there
+    assert not [name for name in imported if name.split(".")[0] == "devtools"]

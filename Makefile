@@ -7,7 +7,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-LINT_PATHS := app kernels tests bench migrations
+LINT_PATHS := app kernels tests bench migrations devtools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
@@ -31,19 +31,20 @@ chromium: ## install Debian's Chromium for the browser test (skipped when /usr/b
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 db: setup ## start the local PostgreSQL (kept in .data/pg) and print its URL
-	@$(PY) -m app.devdb start
+	@$(PY) -m app dev db start
 
 db-stop: setup ## stop the local PostgreSQL (its data stays)
-	@$(PY) -m app.devdb stop
+	@$(PY) -m app dev db stop
 
 db-url: setup ## print the local PostgreSQL's URL
-	@$(PY) -m app.devdb url
+	@$(PY) -m app dev db url
 
+# One migrate: `kvthreads migrate`, on the URL `dev db start` prints (DATABASE_URL's when it is set).
 migrate: setup ## upgrade the database schema (the local database unless DATABASE_URL is set)
-	@$(PY) -m app.devrun migrate
+	@url=$$($(PY) -m app dev db start) && DATABASE_URL="$$url" $(PY) -m app migrate
 
 run: setup ## serve on localhost:8000 (starts the local database, migrates, prints an API key)
-	@$(PY) -m app.devrun run
+	@$(PY) -m app dev run
 
 test: setup chromium ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -6,7 +6,8 @@ Fills a fresh, migrated database with `--rows` ledger rows for one account over 
 `--other-rows` for nine other accounts, so the report must pick its account out of a bigger table),
 then times the report over the whole 90 days for each grouping: the SQL (build_report) alone, and
 with the JSON and CSV the API would send. Uses DATABASE_URL's server when set, else a throwaway
-local cluster (app/devdb.py). Prints a table and writes bench/out/billing_report.json.
+local cluster (devtools/postgres/throwaway.py). Prints a table and writes
+bench/out/billing_report.json.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from app.billing.report import DayRange, GroupBy, build_report
 from app.config import load_settings
 from app.db import migrate
 from app.db.session import create_session_factory
-from app.devdb import throwaway_cluster
+from devtools.postgres.throwaway import throwaway_cluster
 
 OUT = Path(__file__).resolve().parent / "out" / "billing_report.json"
 ACCOUNT = "acct_bench_0"

@@ -3,9 +3,10 @@
 Database (a real PostgreSQL, never a mock or SQLite):
 
     database_url  (session)  URL of the server's main database. With DATABASE_URL unset, a
-                             throwaway cluster is started once per pytest session (app/devdb.py;
-                             about 2 s) and removed at the end. With DATABASE_URL set, that server
-                             is used and nothing is started (its user needs CREATEDB).
+                             throwaway cluster is started once per pytest session
+                             (devtools/postgres/throwaway.py; about 2 s) and removed at the end.
+                             With DATABASE_URL set, that server is used and nothing is started
+                             (its user needs CREATEDB).
     db_url        (function) a fresh database already migrated to Alembic head, dropped after the
                              test. Made from a migrated template database, so it costs a few ms.
     empty_db_url  (function) a fresh database with no tables (for migration tests).
@@ -44,7 +45,7 @@ from app.asgi import create_app
 from app.config import Settings, load_settings
 from app.db import migrate
 from app.db.session import create_session_factory
-from app.devdb import throwaway_cluster
+from devtools.postgres.throwaway import throwaway_cluster
 from tests.pgtools import asyncpg_dsn, with_database
 
 

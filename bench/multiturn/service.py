@@ -2,8 +2,8 @@
 
 Each mode is its own `python -m app serve` process on its own port, configured only through the
 environment (KVTHREADS_RESIDENCY on/off, KVTHREADS_KV_CACHE_MB, ...), exactly as an operator would
-run it. All instances share one database: a throwaway cluster (app/devdb.py, removed afterwards)
-unless a DATABASE_URL is given. One dedicated account and key drive them all.
+run it. All instances share one database: a throwaway cluster (devtools/postgres/throwaway.py,
+removed afterwards) unless a DATABASE_URL is given. One dedicated account and key drive them all.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def database(url: str | None) -> Iterator[str]:
     if url:
         yield url
         return
-    from app.devdb import throwaway_cluster
+    from devtools.postgres.throwaway import throwaway_cluster
 
     with throwaway_cluster() as cluster:
         yield cluster.url()

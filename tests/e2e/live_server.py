@@ -5,7 +5,6 @@ For what the in-process test client cannot show: a client that closes its connec
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,11 +13,7 @@ from contextlib import contextmanager
 import uvicorn
 from litestar import Litestar
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port
 
 
 class LiveServer(uvicorn.Server):
@@ -32,7 +27,7 @@ def live_server(
     app: Litestar, *, start_timeout_s: float = 30.0, graceful_shutdown_s: float | None = None
 ) -> Iterator[LiveServer]:
     """Serve `app`; `server.should_exit = True` stops it early, as Ctrl-C does."""
-    port = _free_port()
+    port = free_port()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

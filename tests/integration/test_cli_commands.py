@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.devdb import free_port
 from tests.integration._processes import clean_env, interrupt, run_cli, start, wait_healthy
+from tests.ports import free_port
 
 
 def _one_line(text: str) -> str:
@@ -82,3 +82,12 @@ def test_serve_answers_healthz_and_stops_on_ctrl_c(db_url: str, tmp_path: Path) 
         assert response.json() == {"status": "ok", "database": "ok"}
     finally:
         assert interrupt(server) == 0, log.read_text()
+
+
+def test_served_commands_never_load_devtools() -> None:
+    # `dev` imports devtools/ only when it runs: the CLI with all its parsers loads none of it.
+    result = run_cli("app", "--help", env=clean_env(PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "app.cli.dev" in imported  # the import log is there
+    assert not [name for name in imported if name.split(".")[0] == "devtools"]

@@ -8,7 +8,7 @@ from litestar.testing import AsyncTestClient
 
 from app.asgi import create_app
 from app.config import Settings
-from app.devdb import free_port
+from tests.ports import free_port
 
 
 async def test_healthz_is_ok_with_the_database_up(client: AsyncTestClient) -> None:

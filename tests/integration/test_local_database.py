@@ -10,11 +10,14 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app import devrun
 from app.config import load_settings
-from app.devdb import LocalCluster, embedded_bindir, free_port, run_cluster, throwaway_cluster
+from devtools import run as dev_run
+from devtools.postgres.binaries import embedded_bindir
+from devtools.postgres.cluster import LocalCluster, run_cluster
+from devtools.postgres.throwaway import throwaway_cluster
 from tests.integration._processes import clean_env, interrupt, run_cli, start, wait_healthy
 from tests.pgtools import asyncpg_dsn
+from tests.ports import free_port
 
 KEY_LINE = re.compile(r"API key\s+(kvt_\S+)")
 
@@ -33,7 +36,7 @@ async def _sql(url: str, query: str) -> object:
 
 def _serve_once(env: dict[str, str], port: int, log: Path) -> str:
     """`make run` once: wait until healthy, Ctrl-C, and return the API key it printed."""
-    server = start("app.devrun", "run", env=env, log=log)
+    server = start("app", "dev", "run", env=env, log=log)
     try:
         assert wait_healthy(server, f"http://127.0.0.1:{port}/healthz", log).status_code == 200
     finally:
@@ -64,7 +67,7 @@ def test_make_run_keeps_data_key_and_secret_across_restarts(tmp_path: Path) -> N
         assert cluster.is_running()  # Ctrl-C stops the server, not the database
         assert asyncio.run(_sql(cluster.url(), "SELECT note FROM kept")) == "x"
 
-        stopped = run_cli("app.devdb", "stop", env=env)
+        stopped = run_cli("app", "dev", "db", "stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
         assert not cluster.is_running()
     finally:
@@ -73,11 +76,27 @@ def test_make_run_keeps_data_key_and_secret_across_restarts(tmp_path: Path) -> N
 
 def test_database_url_set_starts_no_cluster(empty_db_url: str, tmp_path: Path) -> None:
     env = clean_env(DATABASE_URL=empty_db_url, KVTHREADS_DATA_DIR=str(tmp_path / "data"))
-    migrated = run_cli("app.devrun", "migrate", env=env)
+    # `make migrate`: `migrate` on the URL that `dev db start` prints.
+    started = run_cli("app", "dev", "db", "start", env=env)
+    assert started.returncode == 0 and "starting none" in started.stderr
+    assert started.stdout.strip() == empty_db_url
+    migrated = run_cli("app", "migrate", env=env | {"DATABASE_URL": started.stdout.strip()})
     assert migrated.returncode == 0, migrated.stderr
     assert asyncio.run(_sql(empty_db_url, "SELECT version_num FROM alembic_version")) == "0001"
-    started = run_cli("app.devdb", "start", env=env)
-    assert started.returncode == 0 and "starting none" in started.stderr
+    assert run_cli("app", "dev", "db", "url", env=env).stdout.strip() == empty_db_url
+    assert not (tmp_path / "data" / "pg").exists()
+
+
+def test_dev_db_of_a_cluster_never_made(tmp_path: Path) -> None:
+    env = clean_env(
+        KVTHREADS_DATA_DIR=str(tmp_path / "data"), KVTHREADS_DEV_DB_PORT=str(free_port())
+    )
+    status = run_cli("app", "dev", "db", "status", env=env)
+    assert status.returncode == 3 and "stopped" in status.stdout
+    url = run_cli("app", "dev", "db", "url", env=env)
+    assert url.returncode == 1
+    assert url.stderr.startswith("kvthreads: no local cluster in ") and "make db" in url.stderr
+    assert url.stderr.count("\n") == 1  # one line, no traceback
     assert not (tmp_path / "data" / "pg").exists()
 
 
@@ -85,11 +104,11 @@ async def test_local_key_is_reused_while_the_database_accepts_it(
     db_url: str, tmp_path: Path
 ) -> None:
     key_file = tmp_path / "local-key"
-    first = await devrun._local_key(db_url, key_file)
-    assert await devrun._local_key(db_url, key_file) == first
+    first = await dev_run._local_key(db_url, key_file)
+    assert await dev_run._local_key(db_url, key_file) == first
     assert key_file.stat().st_mode & 0o077 == 0  # owner-only
     key_file.write_text("kvt_not_a_key_of_this_database\n")
-    assert await devrun._local_key(db_url, key_file) not in (
+    assert await dev_run._local_key(db_url, key_file) not in (
         first,
         "kvt_not_a_key_of_this_database",
     )

@@ -1,10 +1,10 @@
-"""What `make run` and `make migrate` do, for a developer's machine.
+"""What `make run` does, for a developer's machine: `kvthreads dev run`.
 
-    python -m app.devrun run      # local database (unless DATABASE_URL), migrate, key, serve
-    python -m app.devrun migrate  # local database (unless DATABASE_URL), migrate
+    kvthreads dev run   # local database (unless DATABASE_URL), migrate, key, serve
 
 Without DATABASE_URL the local cluster in KVTHREADS_DATA_DIR/pg (default .data/pg) is started and
-used; it keeps running after the server stops, until `make db-stop`. The data folder also keeps:
+used (devtools/postgres/cluster.py); it keeps running after the server stops, until `make db-stop`.
+The data folder also keeps:
 
     secret      KVTHREADS_SECRET when the environment gives none, so cookies survive restarts
     local-key   an API key made on the first run, printed at every start with a curl example
@@ -18,27 +18,15 @@ import secrets
 import sys
 from pathlib import Path
 
-from app.cli.errors import CliError, database_label
+from app.cli.errors import database_label
 from app.cli.migrate import run_migrations
 from app.cli.serve import run_server
-from app.config import ConfigError, Settings, load_settings
+from app.config import Settings
 from app.db import accounts
 from app.db.session import create_engine, create_session_factory
-from app.devdb import ClusterError, run_cluster
+from devtools.postgres.cluster import with_local_database
 
 LOCAL_ACCOUNT = "local"
-
-
-def with_database(settings: Settings) -> Settings:
-    """The settings, with the local cluster's URL when DATABASE_URL is unset (starting it)."""
-    if settings.database_url is not None:
-        return settings
-    cluster = run_cluster(settings)
-    url = cluster.start()
-    print(
-        f"devrun: local PostgreSQL in {cluster.root} on 127.0.0.1:{cluster.port}", file=sys.stderr
-    )
-    return dataclasses.replace(settings, database_url=url)
 
 
 def _read_or_make(path: Path, make: str) -> str:
@@ -105,35 +93,9 @@ def _banner(settings: Settings, key: str) -> str:
 
 
 def run(settings: Settings) -> int:
-    settings = with_kept_secret(with_database(settings))
+    settings = with_kept_secret(with_local_database(settings))
     run_migrations(settings)
     assert settings.database_url is not None
     key = asyncio.run(_local_key(settings.database_url, settings.data_dir / "local-key"))
     print(_banner(settings, key), file=sys.stderr, flush=True)
     return run_server(settings)
-
-
-def migrate(settings: Settings) -> int:
-    return run_migrations(with_database(settings))
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    commands = {"run": run, "migrate": migrate}
-    if len(args) != 1 or args[0] not in commands:
-        print(f"usage: python -m app.devrun {{{'|'.join(commands)}}}", file=sys.stderr)
-        return 2
-    try:
-        return commands[args[0]](load_settings())
-    except ConfigError as exc:
-        print(f"kvthreads: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except (CliError, ClusterError) as exc:
-        print(f"kvthreads: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -8,7 +8,7 @@ What handlers and services find on `app.state` while the app runs:
     settings   Settings         the configuration the app was made with
     db         AsyncEngine      SQLAlchemy's async engine (one connection pool per process)
     sessions   async_sessionmaker[AsyncSession]
-    engine     ModelRuntime     the model, its AsyncEngine and chat format: the `engine` argument
+    engine     ModelRuntime     the model, its AsyncLLMEngine and chat format: the `engine` argument
                                 (a ModelRuntime; tests inject theirs), else built from settings
     threads    ThreadsComponents  the thread and turn services the /v1 routes use
 

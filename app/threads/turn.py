@@ -31,7 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 
 from app.billing.prices import PriceBook
 from app.db import ids, models
-from app.engine.types import FinishEvent, SamplingParams
+from app.engine.runtime.types import FinishEvent, SamplingParams
 from app.threads import schemas, store
 from app.threads.errors import (
     ContextLengthExceeded,

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from app.engine.attention import attention_per_sequence, decode_key_mask, padded_decode_attention
+from app.engine.network.attention import (
+    attention_per_sequence,
+    decode_key_mask,
+    padded_decode_attention,
+)
 from kernels.paged_attention_ref import paged_attention_ref
 
 

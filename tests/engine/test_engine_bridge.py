@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from engine_testing import random_ids, random_model, run_to_finish
 
-from app.engine.bridge import AsyncEngine, EngineClosed, NoFinishedTurn, ThreadBusy
-from app.engine.engine import LLMEngine
-from app.engine.types import FinishEvent, MissReason, SamplingParams, TokenEvent
+from app.engine.runtime.async_engine import AsyncLLMEngine, EngineClosed, NoFinishedTurn, ThreadBusy
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams, TokenEvent
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -29,13 +29,13 @@ def model():
 
 @pytest.fixture
 def make_bridge(model):
-    started: list[AsyncEngine] = []
+    started: list[AsyncLLMEngine] = []
 
-    def make(**kwargs) -> AsyncEngine:
+    def make(**kwargs) -> AsyncLLMEngine:
         kwargs.setdefault("num_blocks", 64)
         kwargs.setdefault("block_size", 4)
         engine = LLMEngine(model, check_invariants=True, decode=decode, **kwargs)
-        bridge = AsyncEngine(engine)
+        bridge = AsyncLLMEngine(engine)
         bridge.start()
         started.append(bridge)
         return bridge
@@ -257,10 +257,10 @@ async def test_shutdown_aborts_turns_in_flight(make_bridge):
 
 async def test_a_chat_with_the_builtin_model_through_the_loader():
     """The loader's model, tokenizer, chat format and stop ids, wired by from_loaded."""
-    from app.engine.loader import resolve_model
+    from app.engine.loading.loader import resolve_model
 
     loaded = resolve_model("builtin-tiny-random", device="cpu")
-    bridge = AsyncEngine.from_loaded(loaded, kv_cache_mb=4, block_size=16)
+    bridge = AsyncLLMEngine.from_loaded(loaded, kv_cache_mb=4, block_size=16)
     bridge.start()
     try:
         chat = loaded.chat_format

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish
 
-from app.engine import decode_mirror
-from app.engine.decode_mirror import DecodeMirror
-from app.engine.engine import LLMEngine
-from app.engine.types import SamplingParams
+from app.engine.network import decode_mirror
+from app.engine.network.decode_mirror import DecodeMirror
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import SamplingParams
 
 BLOCK_SIZE = 4
 CACHE = torch.zeros(8, BLOCK_SIZE, 2, 16)  # a layer's pool: 2 KV heads of 16

@@ -6,9 +6,9 @@ import pytest
 import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish
 
-from app.engine.engine import LLMEngine, NoFinishedTurn
-from app.engine.model import CausalLM
-from app.engine.types import FinishEvent, MissReason, SamplingParams
+from app.engine.network.model import CausalLM
+from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn
+from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams
 from app.kvcache import ThreadBusy
 
 ATOL = 1e-4

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.attention import AttentionMetadata
-from app.engine.model import CausalLM
+from app.engine.network.attention import AttentionMetadata
+from app.engine.network.model import CausalLM
 
 
 def paged_logits(

@@ -3,7 +3,7 @@ from collections import OrderedDict
 
 import pytest
 
-from app.engine.types import MissReason
+from app.engine.runtime.types import MissReason
 from app.kvcache import KVCacheManager, ThreadBusy
 
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import AttentionMetadata, decode_key_mask
-from app.engine.decode_mirror import DecodeMirror
-from app.engine.model import CausalLM
-from app.engine.scheduler import ScheduledBatch
+from app.engine.network.attention import AttentionMetadata, decode_key_mask
+from app.engine.network.decode_mirror import DecodeMirror
+from app.engine.network.model import CausalLM
+from app.engine.runtime.scheduler import ScheduledBatch
 
 
 @dataclass

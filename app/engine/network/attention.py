@@ -20,7 +20,7 @@ from kernels.paged_attention_ref import gather_kv
 from kernels.store_kv_ref import store_kv_ref
 
 if TYPE_CHECKING:
-    from app.engine.decode_mirror import MirrorStep
+    from app.engine.network.decode_mirror import MirrorStep
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """The engine for asyncio code: `LLMEngine` on its own thread, turns as async iterators.
 
-    engine = AsyncEngine.from_loaded(loaded, kv_cache_mb=512); engine.start()
+    engine = AsyncLLMEngine.from_loaded(loaded, kv_cache_mb=512); engine.start()
     stream = engine.generate(key, history_ids, new_ids, params, first_turn=False)
     async for event in stream: ...              # TokenEvent ... FinishEvent
     engine.commit_turn(key)  |  engine.rollback_turn(key)
@@ -30,11 +30,11 @@ from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
-from app.engine.engine import LLMEngine, NoFinishedTurn, RequestOutput
-from app.engine.types import FinishEvent, SamplingParams, StreamEvent
+from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn, RequestOutput
+from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
 from app.kvcache import KVCacheStats, ThreadBusy, ThreadCacheState
 
-__all__ = ["AsyncEngine", "EngineClosed", "NoFinishedTurn", "ThreadBusy", "TurnStream"]
+__all__ = ["AsyncLLMEngine", "EngineClosed", "NoFinishedTurn", "ThreadBusy", "TurnStream"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class EngineClosed(RuntimeError):
 class TurnStream:
     """The events of one turn. Iterate it once; close it to cancel the turn."""
 
-    def __init__(self, bridge: AsyncEngine, thread_key: Hashable) -> None:
+    def __init__(self, bridge: AsyncLLMEngine, thread_key: Hashable) -> None:
         self.thread_key = thread_key
         self.seq_id: int | None = None  # set on the engine thread once the request is queued
         self.finish: FinishEvent | None = None  # handed out: commit/rollback is the caller's
@@ -93,7 +93,7 @@ class TurnStream:
             self._loop.call_soon_threadsafe(self._put, items)
 
 
-class AsyncEngine:
+class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._cond = threading.Condition()
@@ -117,9 +117,9 @@ class AsyncEngine:
         max_num_seqs: int = 16,
         residency: bool = True,
         **engine_kwargs: Any,
-    ) -> AsyncEngine:
+    ) -> AsyncLLMEngine:
         """From a loaded model (anything with .model, .tokenizer.decode, .stop_token_ids and
-        .max_context_length, as `app.engine.loader.resolve_model` returns)."""
+        .max_context_length, as `app.engine.loading.loader.resolve_model` returns)."""
         engine = LLMEngine.from_loaded(
             loaded,
             kv_cache_mb=kv_cache_mb,

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.attention import AttentionMetadata, paged_attention, store_kv
-from app.engine.packed_linear import LinearGroup
+from app.engine.network.attention import AttentionMetadata, paged_attention, store_kv
+from app.engine.network.packed_linear import LinearGroup
 
 
 @dataclass(frozen=True)

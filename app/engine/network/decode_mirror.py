@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import decode_key_mask, gather_padded
+from app.engine.network.attention import decode_key_mask, gather_padded
 
 HEADROOM_TOKENS = 128  # room to grow before a refill; a refill costs what every step used to
 

@@ -1,0 +1,1 @@
+"""Developer tools: references and helpers for tests and benchmarks, not serving code."""

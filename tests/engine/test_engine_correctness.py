@@ -34,7 +34,11 @@ def all_rows_logits(engine: LLMEngine, seq: Sequence, num_new: int) -> torch.Ten
     prepared = engine.runner.prepare(ScheduledBatch([seq], [num_new]))
     with torch.inference_mode():
         hidden = engine.runner.model(
-            prepared.input_ids, prepared.positions, engine.pool.layer_caches, prepared.meta
+            prepared.input_ids,
+            prepared.positions,
+            engine.pool.layer_caches,
+            prepared.meta,
+            engine.runner.attn,
         )
         logits = engine.runner.model.compute_logits(hidden)
     seq.num_cached_tokens += num_new

@@ -1,7 +1,7 @@
 """What the turn service needs from the inference side, as protocols (no torch imported here).
 
 The real objects are app.engine.runtime.async_engine.AsyncLLMEngine and the loaded model's chat
-format (app.chat's ChatFormat); the factory in app/threads/engine_factory.py builds them from
+format (app.chat's ChatFormat); the factory in app/threads/runtime_factory.py builds them from
 settings and wraps them in a `ModelRuntime`. Tests may hand in any object with these methods.
 """
 

@@ -145,7 +145,7 @@ def model_kv_bytes_per_token(model: str, device: str) -> int:
         builtin.builtin_config(model) if builtin.is_builtin(model) else read_hf_config(Path(model))
     )
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    # The service keeps float32 on the CPU and a 16-bit dtype on an accelerator (app/engine/loading/loader.py).
+    # The service keeps float32 on the CPU and a 16-bit dtype on an accelerator (loading/loader.py).
     dtype = torch.float32 if on_cpu else torch.bfloat16
     return bytes_per_block(config, 1, dtype)
 

@@ -7,7 +7,12 @@ import asyncio
 import pytest
 from engine_testing import random_ids, random_model, run_to_finish
 
-from app.engine.runtime.async_engine import AsyncLLMEngine, EngineClosed, NoFinishedTurn, ThreadBusy
+from app.engine.runtime.async_engine import (
+    AsyncLLMEngine,
+    EngineClosed,
+    NoFinishedTurn,
+    ThreadInFlight,
+)
 from app.engine.runtime.llm_engine import LLMEngine
 from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams, TokenEvent
 
@@ -79,7 +84,7 @@ async def test_turns_stream_tokens_then_settle(make_bridge, model):
     assert finish.token_ids == reference_tokens(model, prompt, greedy(6))
     assert finish.counts.miss_reason is MissReason.NEW_THREAD
     assert set(finish.timings) == {"queue_s", "ttft_s", "total_s"}
-    with pytest.raises(ThreadBusy):  # not settled yet
+    with pytest.raises(ThreadInFlight):  # not settled yet
         bridge.generate("t", prompt, [1], greedy(1), first_turn=False)
     bridge.commit_turn("t")
     with pytest.raises(NoFinishedTurn):
@@ -229,7 +234,7 @@ async def test_a_full_pool_waits_for_a_commit_without_spinning(make_bridge):
 async def test_forget_thread(make_bridge):
     bridge = make_bridge()
     stream = bridge.generate("t", [], [1, 2, 3, 4, 5], greedy(2), first_turn=True)
-    with pytest.raises(ThreadBusy):
+    with pytest.raises(ThreadInFlight):
         bridge.forget_thread("t")
     await collect(stream)
     bridge.commit_turn("t")

@@ -11,11 +11,11 @@ wakes the thread, which applies the queued commands between steps and sleeps on 
 there is nothing it can do (no busy loop). Events go back to the asyncio loop with
 `loop.call_soon_threadsafe`, one call per request per step.
 
-A thread is busy from `generate` until `commit_turn`/`rollback_turn` (or until its stream ends
-without a FinishEvent); a second `generate` meanwhile raises ThreadBusy at once. Closing a stream
-before its FinishEvent was handed out (aclose, or the consuming task cancelled while it waits
-for an event) aborts the turn, which frees what it took and rolls its thread back. A stream must
-be closed or read to its end: the bridge holds it until then.
+A thread is in flight from `generate` until `commit_turn`/`rollback_turn` (or until its stream
+ends without a FinishEvent); a second `generate` meanwhile raises ThreadInFlight at once. Closing
+a stream before its FinishEvent was handed out (aclose, or the consuming task cancelled while it
+waits for an event) aborts the turn, which frees what it took and rolls its thread back. A stream
+must be closed or read to its end: the bridge holds it until then.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from typing import Any
 
 from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn, RequestOutput
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
-from app.kvcache import KVCacheStats, ThreadBusy, ThreadCacheState
+from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
 
-__all__ = ["AsyncLLMEngine", "EngineClosed", "NoFinishedTurn", "ThreadBusy", "TurnStream"]
+__all__ = ["AsyncLLMEngine", "EngineClosed", "NoFinishedTurn", "ThreadInFlight", "TurnStream"]
 
 log = logging.getLogger(__name__)
 
@@ -165,8 +165,8 @@ class AsyncLLMEngine:
     ) -> TurnStream:
         """Start a turn; its events arrive through the returned stream (call from the loop).
 
-        Raises at once: ThreadBusy if the thread's previous turn is not settled, ValueError for a
-        request that can never run, EngineClosed after shutdown.
+        Raises at once: ThreadInFlight if the thread's previous turn is not settled, ValueError
+        for a request that can never run, EngineClosed after shutdown.
         """
         arrival = time.perf_counter()
         history, new = list(history_ids), list(new_ids)
@@ -175,7 +175,7 @@ class AsyncLLMEngine:
             if self._closed or self._thread is None:
                 raise EngineClosed("the engine is not running")
             if thread_key in self._turns:
-                raise ThreadBusy(f"thread {thread_key!r} already has a turn in flight")
+                raise ThreadInFlight(f"thread {thread_key!r} already has a turn in flight")
             stream = TurnStream(self, thread_key)
             self._turns[thread_key] = stream
         self._submit(partial(self._start_turn, stream, history, new, params, first_turn, arrival))
@@ -214,7 +214,7 @@ class AsyncLLMEngine:
             if self._closed:
                 return
             if thread_key in self._turns:
-                raise ThreadBusy(f"thread {thread_key!r} has a turn in flight")
+                raise ThreadInFlight(f"thread {thread_key!r} has a turn in flight")
         self._submit(partial(self.engine.forget_thread, thread_key))
 
     def stats(self) -> KVCacheStats:

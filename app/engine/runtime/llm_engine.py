@@ -151,7 +151,7 @@ class LLMEngine:
         first_turn: bool,
         arrival: float | None = None,
     ) -> int:
-        """Queue one turn of a thread; returns its sequence id. Raises ThreadBusy while the
+        """Queue one turn of a thread; returns its sequence id. Raises ThreadInFlight while the
         thread's previous turn is in flight or awaiting commit/rollback."""
         self.validate_request(history_ids, new_ids, params)
         prompt = [*history_ids, *new_ids]

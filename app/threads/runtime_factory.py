@@ -66,7 +66,7 @@ async def open_model_runtime(settings: Settings, given: Any | None) -> AsyncIter
     if given is not None:
         if not isinstance(given, ModelRuntime):
             raise TypeError(
-                "create_app(engine=...) takes a ModelRuntime (app.threads.engine_factory."
+                "create_app(runtime=...) takes a ModelRuntime (app.threads.runtime_factory."
                 f"runtime_for(loaded, engine)), got {type(given).__name__}"
             )
         yield given

@@ -1,15 +1,15 @@
 """The Litestar application: routes, error handlers, and the lifespans that open and close the
 database and the model runtime (app/threads/lifespan.py).
 
-    create_app(settings=None, engine=None) -> Litestar
+    create_app(settings=None, runtime=None) -> Litestar
 
 What handlers and services find on `app.state` while the app runs:
 
     settings   Settings         the configuration the app was made with
     db         AsyncEngine      SQLAlchemy's async engine (one connection pool per process)
     sessions   async_sessionmaker[AsyncSession]
-    engine     ModelRuntime     the model, its AsyncEngine and chat format: the `engine` argument
-                                (a ModelRuntime; tests inject theirs), else built from settings
+    runtime    ModelRuntime     the model, its AsyncLLMEngine and chat format: the `runtime`
+                                argument (tests inject theirs), else built from settings
     threads    ThreadsComponents  the thread and turn services the /v1 routes use
 
 Run it with `python -m app serve`, or `uvicorn --factory app.asgi:create_app`.
@@ -40,7 +40,7 @@ from app.threads.lifespan import threads_lifespan
 API_VERSION = "0.1.0"
 
 
-def create_app(settings: Settings | None = None, engine: Any | None = None) -> Litestar:
+def create_app(settings: Settings | None = None, runtime: Any | None = None) -> Litestar:
     settings = settings if settings is not None else load_settings()
     if settings.database_url is None:
         raise ConfigError("DATABASE_URL is not set (make run starts a local database for you)")
@@ -63,9 +63,9 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
             BillingPageController,
         ],
         # Entered in order, left in reverse: the engine stops before the database closes.
-        lifespan=[lifespan, threads_lifespan(settings, engine)],
+        lifespan=[lifespan, threads_lifespan(settings, runtime)],
         exception_handlers=EXCEPTION_HANDLERS,
-        state=State({"settings": settings, "engine": None}),
+        state=State({"settings": settings, "runtime": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),
     )

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from app.engine.engine import LLMEngine
-from app.engine.hf_config import transformers_twin
-from app.engine.loader import resolve_model
-from app.engine.model import CausalLM
-from app.engine.types import FinishEvent, SamplingParams
+from app.engine.loading.loader import resolve_model
+from app.engine.network.model import CausalLM
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import FinishEvent, SamplingParams
+from devtools.transformers_twin import transformers_twin
 
 MODEL_NAME = "builtin-bench-random"
 OUT = Path(__file__).parent / "out" / "engine_throughput.json"

@@ -5,7 +5,7 @@
 
 It builds a Llama-3.2-1B-shaped network with random bfloat16 weights in code (hidden 2048, 16
 layers, 32 heads, 8 KV heads, head_dim 64, intermediate 8192, vocab 128256, llama3 rope scaling,
-tied embeddings), drives `AsyncEngine` with the benchmark's workload profiles (bench/multiturn/
+tied embeddings), drives `AsyncLLMEngine` with the benchmark's workload profiles (bench/multiturn/
 workloads.py; token ids instead of text, no tokenizer) in `cache` and `recompute` modes, prints
 time to first token per turn for both, the fresh-token check, and decode tokens/s at
 concurrency 1 and 32. No web packages: imports are torch, the engine and the standard library.
@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from app.engine.bridge import AsyncEngine  # noqa: E402
-from app.engine.engine import LLMEngine  # noqa: E402
-from app.engine.kv_pool import bytes_per_block  # noqa: E402
-from app.engine.model import CausalLM, ModelConfig  # noqa: E402
-from app.engine.types import FinishEvent, SamplingParams, TokenEvent  # noqa: E402
+from app.engine.network.kv_pool import bytes_per_block  # noqa: E402
+from app.engine.network.model import CausalLM, ModelConfig  # noqa: E402
+from app.engine.runtime.async_engine import AsyncLLMEngine  # noqa: E402
+from app.engine.runtime.llm_engine import LLMEngine  # noqa: E402
+from app.engine.runtime.types import FinishEvent, SamplingParams, TokenEvent  # noqa: E402
 from bench.multiturn import sizing  # noqa: E402
 from bench.multiturn.driver import play  # noqa: E402
 from bench.multiturn.records import MODES, RunResult, TurnRecord  # noqa: E402
@@ -101,7 +101,7 @@ def build_random_model(config: ModelConfig, device: str, dtype: torch.dtype) -> 
 class EngineSender:
     """A TurnSender on the engine in process: token ids in, the engine's own counts out."""
 
-    engine: AsyncEngine
+    engine: AsyncLLMEngine
     vocab_size: int
     first_id: int = 0  # draw message ids from [first_id, vocab_size)
 
@@ -150,8 +150,8 @@ class EngineSender:
         return record
 
 
-def make_engine(model: CausalLM, *, residency: bool, kv_cache_mb: float, args) -> AsyncEngine:
-    engine = AsyncEngine(
+def make_engine(model: CausalLM, *, residency: bool, kv_cache_mb: float, args) -> AsyncLLMEngine:
+    engine = AsyncLLMEngine(
         LLMEngine(
             model,
             kv_cache_mb=kv_cache_mb,

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.ttft_cache [--history 2000] [--turns 4] [--user-tokens 16]
 
-One conversation on the benchmark-size built-in model, through the AsyncEngine as the service
+One conversation on the benchmark-size built-in model, through the AsyncLLMEngine as the service
 drives it: turn 1 sends a document of about --history tokens, every later turn a short user
 message (--user-tokens) and gets a reply of --reply-tokens. The same conversation (same ids, same
 greedy replies) runs twice: with residency (turn N computes only its new tokens) and without
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import torch
 
-from app.engine.bridge import AsyncEngine
-from app.engine.engine import LLMEngine
-from app.engine.loader import resolve_model
-from app.engine.types import FinishEvent, SamplingParams
+from app.engine.loading.loader import resolve_model
+from app.engine.runtime.async_engine import AsyncLLMEngine
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import FinishEvent, SamplingParams
 
 MODEL_NAME = "builtin-bench-random"
 OUT = Path(__file__).parent / "out" / "ttft_cache.json"
 
 
-async def play(bridge: AsyncEngine, messages: list[list[int]], reply_tokens: int) -> list[dict]:
+async def play(bridge: AsyncLLMEngine, messages: list[list[int]], reply_tokens: int) -> list[dict]:
     """Run the conversation; per turn: TTFT, history length and the engine's counts."""
     params = SamplingParams(max_tokens=reply_tokens, temperature=0.0, ignore_eos=True)
     history: list[int] = []
@@ -65,7 +65,7 @@ def run_mode(loaded, messages, reply_tokens: int, residency: bool) -> list[dict]
     engine = LLMEngine.from_loaded(
         loaded, kv_cache_mb=256, block_size=16, max_batch_tokens=4096, residency=residency
     )
-    bridge = AsyncEngine(engine)
+    bridge = AsyncLLMEngine(engine)
     bridge.start()
     try:
         return asyncio.run(play(bridge, messages, reply_tokens))

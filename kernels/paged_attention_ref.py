@@ -1,4 +1,5 @@
-"""Pure-torch paged attention: the reference for the Triton kernel and the CPU path of the engine.
+"""Pure-torch paged attention: the reference for the Triton kernel, and the engine's CPU backend
+for every step that is not all decodes.
 
 The batch is flat: the new query tokens of B sequences stand one after another.
 
@@ -59,15 +60,23 @@ def paged_attention_ref(
         if group > 1:
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        qb = q[start:end].transpose(0, 1).float()  # [Hq, q_len, D]
-        kb = k.transpose(0, 1).float()  # [Hq, S, D]
-        vb = v.transpose(0, 1).float()
         mask = None
-        if q_len > 1:
+        if 1 < q_len < seq_len:
             # Query j may see keys up to position seq_len - q_len + j (bottom-right aligned causal).
             qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
             kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
             mask = kpos <= qpos  # [q_len, S]
-        ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)
-        out[start:end] = ob.transpose(0, 1).to(q.dtype)
+        # The engine's CPU backend serves prefills with this very loop, so it takes the shapes
+        # SDPA's fused CPU kernel takes: 4-D inputs (3-D ones fall back to the unfused path,
+        # which materialises every score), and on a first prefill (q_len == seq_len, where
+        # bottom-right and top-left alignment agree) SDPA's own causal mask, not a built one.
+        ob = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, q_len, D]
+            k.transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, S, D]
+            v.transpose(0, 1).unsqueeze(0).float(),
+            attn_mask=mask,
+            is_causal=q_len > 1 and q_len == seq_len,
+            scale=scale,
+        )
+        out[start:end] = ob[0].transpose(0, 1).to(q.dtype)
     return out

@@ -114,5 +114,5 @@ async def metrics(state: State, billing: NamedDependency[BillingService]) -> Res
             for kind in ("cached", "fresh", "output")
         ),
     )
-    _add_engine(out, state.engine.engine.stats())  # app.state.engine: the ModelRuntime
+    _add_engine(out, state.runtime.engine.stats())  # app.state.runtime: the ModelRuntime
     return Response(out.text(), media_type=CONTENT_TYPE)

@@ -1,7 +1,7 @@
 """KV cache bookkeeping in plain ints: the block pool, per-thread residency, LRU, counters."""
 
 from app.kvcache.block_pool import BlockPool, BlockPoolExhausted
-from app.kvcache.manager import CacheLookup, KVCacheManager, ThreadBusy, ThreadCache
+from app.kvcache.manager import CacheLookup, KVCacheManager, ThreadCache, ThreadInFlight
 from app.kvcache.stats import KVCacheStats, ThreadCacheState
 
 __all__ = [
@@ -10,7 +10,7 @@ __all__ = [
     "CacheLookup",
     "KVCacheManager",
     "KVCacheStats",
-    "ThreadBusy",
     "ThreadCache",
     "ThreadCacheState",
+    "ThreadInFlight",
 ]

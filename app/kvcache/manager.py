@@ -36,7 +36,7 @@ from app.kvcache.miss_reason import MissReason
 from app.kvcache.stats import KVCacheStats, ThreadCacheState
 
 
-class ThreadBusy(RuntimeError):
+class ThreadInFlight(RuntimeError):
     """The thread already has a turn in flight (or one awaiting commit/rollback)."""
 
 
@@ -105,7 +105,7 @@ class KVCacheManager:
             raise ValueError("a turn needs at least one prompt token")
         entry = self._threads.get(key)
         if entry is not None and entry.pinned:
-            raise ThreadBusy(f"thread {key!r} already has a turn in flight")
+            raise ThreadInFlight(f"thread {key!r} already has a turn in flight")
         if entry is None:
             entry = self._threads[key] = ThreadCache(key)
         else:
@@ -203,7 +203,7 @@ class KVCacheManager:
         entry = self._threads.get(key)
         if entry is not None:
             if entry.pinned:
-                raise ThreadBusy(f"thread {key!r} has a turn in flight; finish it first")
+                raise ThreadInFlight(f"thread {key!r} has a turn in flight; finish it first")
             self._lru_remove(entry)
             self.pool.free(entry.block_table)
             del self._threads[key]

@@ -15,14 +15,14 @@ from litestar import Litestar
 
 from app.config import Settings
 from app.threads.components import build_components
-from app.threads.engine_factory import open_model_runtime
+from app.threads.runtime_factory import open_model_runtime
 
 
-def threads_lifespan(settings: Settings, engine: Any | None):
+def threads_lifespan(settings: Settings, given: Any | None):
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        async with open_model_runtime(settings, engine) as runtime:
-            app.state.engine = runtime
+        async with open_model_runtime(settings, given) as runtime:
+            app.state.runtime = runtime
             app.state.threads = build_components(
                 settings, app.state.db, app.state.sessions, runtime
             )

@@ -1,8 +1,8 @@
 """What the turn service needs from the inference side, as protocols (no torch imported here).
 
-The real objects are app.engine.bridge.AsyncEngine and the loaded model's chat format; the
-factory in app/threads/engine_factory.py builds them from settings and wraps them in a
-`ModelRuntime`. Tests may hand in any object with these methods.
+The real objects are app.engine.runtime.async_engine.AsyncLLMEngine and the loaded model's chat
+format (app.chat's ChatFormat); the factory in app/threads/runtime_factory.py builds them from
+settings and wraps them in a `ModelRuntime`. Tests may hand in any object with these methods.
 """
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from app.engine.types import SamplingParams, StreamEvent
-
-
-class ChatFormat(Protocol):
-    def start(self, system: str | None) -> list[int]: ...
-
-    def user_turn(self, content: str) -> list[int]: ...
-
-    def assistant_end(self, generated: list[int], finish_reason: str) -> list[int]: ...
+from app.chat.chat_format import ChatFormat
+from app.engine.runtime.types import SamplingParams, StreamEvent
 
 
 class TurnEngine(Protocol):

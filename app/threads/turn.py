@@ -29,7 +29,7 @@ import msgspec
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from app.billing.prices import PriceBook
-from app.engine.types import FinishEvent, SamplingParams
+from app.engine.runtime.types import FinishEvent, SamplingParams
 from app.threads import schemas, store
 from app.threads.errors import (
     ContextLengthExceeded,

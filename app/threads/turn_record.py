@@ -10,16 +10,16 @@ keep the turn's KV, or to roll it back when this raised (app/threads/turn.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.billing.ledger import TurnTokens, usage_row
 from app.billing.prices import PriceBook, UnitPrices
 from app.db import ids, models
-from app.engine.types import FinishEvent
+from app.engine.runtime.types import FinishEvent
 from app.threads import schemas, store
 from app.threads.errors import GenerationFailed, IdempotencyConflict, ThreadNotFound
 from app.threads.ports import ChatFormat
@@ -27,8 +27,19 @@ from app.threads.text import storable
 from app.threads.turn_lock import session_on
 from app.threads.views import turn_result_view
 
-if TYPE_CHECKING:
-    from app.threads.turn import Turn
+
+class Turn(Protocol):
+    """What the recorder reads of a turn (app/threads/turn.py's Turn), so that the two modules
+    do not import each other."""
+
+    account_id: str
+    thread_id: str
+    request: schemas.AppendMessageRequest
+    history_ids: list[int]
+    new_ids: list[int]
+    idempotency_key: str | None
+    fingerprint: str
+    conn: AsyncConnection  # holds the thread's lock
 
 
 class TurnRecorder:

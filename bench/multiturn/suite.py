@@ -137,15 +137,15 @@ def model_kv_bytes_per_token(model: str, device: str) -> int:
     """KV bytes one token takes in the service's pool (the dtype it picks on that device)."""
     import torch
 
-    from app.engine import builtin
-    from app.engine.hf_config import read_hf_config
-    from app.engine.kv_pool import bytes_per_block
+    from app.engine.loading import builtin
+    from app.engine.loading.hf_config import read_hf_config
+    from app.engine.network.kv_pool import bytes_per_block
 
     config = (
         builtin.builtin_config(model) if builtin.is_builtin(model) else read_hf_config(Path(model))
     )
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
-    # The service keeps float32 on the CPU and a 16-bit dtype on an accelerator (engine/loader.py).
+    # The service keeps float32 on the CPU and a 16-bit dtype on an accelerator (loading/loader.py).
     dtype = torch.float32 if on_cpu else torch.bfloat16
     return bytes_per_block(config, 1, dtype)
 

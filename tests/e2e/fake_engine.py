@@ -1,4 +1,4 @@
-"""A pure-Python engine with the AsyncEngine contract, for tests that need to control failures.
+"""A pure-Python engine with the AsyncLLMEngine contract, for tests that need to control failures.
 
 It keeps per-thread "KV" as the list of token ids it would hold, with the real engine's rules:
 the prompt plus all generated tokens but the last stay cached after commit_turn; rollback_turn
@@ -14,9 +14,9 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from app.engine.chat_format import SimpleChatFormat
-from app.engine.tokenizer import ByteTokenizer
-from app.engine.types import FinishEvent, MissReason, SamplingParams, TokenEvent, TurnCounts
+from app.chat.chat_format import SimpleChatFormat
+from app.chat.tokenizer import ByteTokenizer
+from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams, TokenEvent, TurnCounts
 from app.threads.ports import ModelRuntime
 
 SPECIALS = SimpleChatFormat.SPECIAL_TOKENS

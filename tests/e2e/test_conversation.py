@@ -66,8 +66,8 @@ async def test_five_turns_compute_only_the_new_tokens(api):
 
 
 def api_user_turn(content: str) -> list[int]:
-    from app.engine.builtin import builtin_tokenizer
-    from app.engine.chat_format import SimpleChatFormat
+    from app.chat.chat_format import SimpleChatFormat
+    from app.engine.loading.builtin import builtin_tokenizer
 
     return SimpleChatFormat(builtin_tokenizer()).user_turn(content)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.engine import LLMEngine, RequestOutput
-from app.engine.model import CausalLM, ModelConfig
-from app.engine.types import FinishEvent
+from app.engine.network.model import CausalLM, ModelConfig
+from app.engine.runtime.llm_engine import LLMEngine, RequestOutput
+from app.engine.runtime.types import FinishEvent
 
 
 def tiny_config(**overrides) -> ModelConfig:

@@ -1,9 +1,10 @@
-"""The CPU decode fast path against the paged-attention reference."""
+"""The CPU backend: its decode fast path against the paged-attention reference, and the
+reference (its path for every other step) against attention written out in full."""
 
 import pytest
 import torch
 
-from app.engine.attention import attention_per_sequence, decode_key_mask, padded_decode_attention
+from app.engine.network.attention.cpu_backend import decode_key_mask, padded_decode_attention
 from kernels.paged_attention_ref import paged_attention_ref
 
 
@@ -40,8 +41,20 @@ def test_padded_decode_attention_matches_the_reference(num_heads, num_kv_heads):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_per_sequence_cpu_path_matches_the_reference():
-    """Fresh prefills (causal fast path), chunks on cached prefixes and decodes, mixed."""
+def dense_causal_attention(q, k, v, scale):
+    """softmax(q k^T * scale) v over one sequence's keys [S, Hq, D], query j of q [q_len, Hq, D]
+    seeing keys up to position S - q_len + j: the maths with no fused kernel in between."""
+    q_len, seq_len = q.shape[0], k.shape[0]
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k.double()) * scale
+    visible = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - q_len, seq_len)[:, None]
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.double()).to(q.dtype)
+
+
+def test_the_per_sequence_path_matches_attention_written_out():
+    """The reference's loop, which the CPU backend runs for every step that is not all decodes,
+    in SDPA's fused shapes: fresh prefills (SDPA's own causal mask), chunks on cached prefixes
+    and decodes, mixed."""
     gen = torch.Generator().manual_seed(5)
     num_blocks, block_size, num_heads, num_kv_heads, head_dim = 40, 4, 6, 2, 8
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
@@ -53,6 +66,11 @@ def test_the_per_sequence_cpu_path_matches_the_reference():
     for n in q_lens:
         cu.append(cu[-1] + n)
     q = torch.randn(cu[-1], num_heads, head_dim, generator=gen)
-    expected = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
-    got = attention_per_sequence(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
+    group = num_heads // num_kv_heads
+    for b, seq_len in enumerate(seq_lens):
+        blocks = block_tables[b, : -(-seq_len // block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        expected = dense_causal_attention(q[cu[b] : cu[b + 1]], k, v, 0.3)
+        torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=1e-5, rtol=1e-5)

@@ -7,9 +7,14 @@ import asyncio
 import pytest
 from engine_testing import random_ids, random_model, run_to_finish
 
-from app.engine.bridge import AsyncEngine, EngineClosed, NoFinishedTurn, ThreadBusy
-from app.engine.engine import LLMEngine
-from app.engine.types import FinishEvent, MissReason, SamplingParams, TokenEvent
+from app.engine.runtime.async_engine import (
+    AsyncLLMEngine,
+    EngineClosed,
+    NoFinishedTurn,
+    ThreadInFlight,
+)
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams, TokenEvent
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -29,13 +34,13 @@ def model():
 
 @pytest.fixture
 def make_bridge(model):
-    started: list[AsyncEngine] = []
+    started: list[AsyncLLMEngine] = []
 
-    def make(**kwargs) -> AsyncEngine:
+    def make(**kwargs) -> AsyncLLMEngine:
         kwargs.setdefault("num_blocks", 64)
         kwargs.setdefault("block_size", 4)
         engine = LLMEngine(model, check_invariants=True, decode=decode, **kwargs)
-        bridge = AsyncEngine(engine)
+        bridge = AsyncLLMEngine(engine)
         bridge.start()
         started.append(bridge)
         return bridge
@@ -79,7 +84,7 @@ async def test_turns_stream_tokens_then_settle(make_bridge, model):
     assert finish.token_ids == reference_tokens(model, prompt, greedy(6))
     assert finish.counts.miss_reason is MissReason.NEW_THREAD
     assert set(finish.timings) == {"queue_s", "ttft_s", "total_s"}
-    with pytest.raises(ThreadBusy):  # not settled yet
+    with pytest.raises(ThreadInFlight):  # not settled yet
         bridge.generate("t", prompt, [1], greedy(1), first_turn=False)
     bridge.commit_turn("t")
     with pytest.raises(NoFinishedTurn):
@@ -229,7 +234,7 @@ async def test_a_full_pool_waits_for_a_commit_without_spinning(make_bridge):
 async def test_forget_thread(make_bridge):
     bridge = make_bridge()
     stream = bridge.generate("t", [], [1, 2, 3, 4, 5], greedy(2), first_turn=True)
-    with pytest.raises(ThreadBusy):
+    with pytest.raises(ThreadInFlight):
         bridge.forget_thread("t")
     await collect(stream)
     bridge.commit_turn("t")
@@ -257,10 +262,10 @@ async def test_shutdown_aborts_turns_in_flight(make_bridge):
 
 async def test_a_chat_with_the_builtin_model_through_the_loader():
     """The loader's model, tokenizer, chat format and stop ids, wired by from_loaded."""
-    from app.engine.loader import resolve_model
+    from app.engine.loading.loader import resolve_model
 
     loaded = resolve_model("builtin-tiny-random", device="cpu")
-    bridge = AsyncEngine.from_loaded(loaded, kv_cache_mb=4, block_size=16)
+    bridge = AsyncLLMEngine.from_loaded(loaded, kv_cache_mb=4, block_size=16)
     bridge.start()
     try:
         chat = loaded.chat_format

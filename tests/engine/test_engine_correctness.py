@@ -6,12 +6,12 @@ import pytest
 import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish, tiny_config
 
-from app.engine.engine import LLMEngine
-from app.engine.hf_config import transformers_twin
-from app.engine.model import CausalLM
-from app.engine.scheduler import ScheduledBatch
-from app.engine.sequence import Sequence
-from app.engine.types import SamplingParams
+from app.engine.network.model import CausalLM
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.scheduler import ScheduledBatch
+from app.engine.runtime.sequence import Sequence
+from app.engine.runtime.types import SamplingParams
+from devtools.transformers_twin import transformers_twin
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 ATOL = 1e-4
@@ -34,7 +34,11 @@ def all_rows_logits(engine: LLMEngine, seq: Sequence, num_new: int) -> torch.Ten
     prepared = engine.runner.prepare(ScheduledBatch([seq], [num_new]))
     with torch.inference_mode():
         hidden = engine.runner.model(
-            prepared.input_ids, prepared.positions, engine.pool.layer_caches, prepared.meta
+            prepared.input_ids,
+            prepared.positions,
+            engine.pool.layer_caches,
+            prepared.meta,
+            engine.runner.attn,
         )
         logits = engine.runner.model.compute_logits(hidden)
     seq.num_cached_tokens += num_new

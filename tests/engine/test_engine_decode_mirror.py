@@ -5,20 +5,18 @@ from __future__ import annotations
 import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish
 
-from app.engine import decode_mirror
-from app.engine.decode_mirror import DecodeMirror
-from app.engine.engine import LLMEngine
-from app.engine.types import SamplingParams
+from app.engine.network.attention import decode_mirror
+from app.engine.network.attention.decode_mirror import DecodeMirror
+from app.engine.runtime.llm_engine import LLMEngine
+from app.engine.runtime.types import SamplingParams
 
 BLOCK_SIZE = 4
 CACHE = torch.zeros(8, BLOCK_SIZE, 2, 16)  # a layer's pool: 2 KV heads of 16
 
 
 def plan(mirror: DecodeMirror, seq_ids, seq_lens):
-    num_blocks = -(-max(seq_lens) // BLOCK_SIZE)
-    tables = torch.zeros(len(seq_ids), num_blocks, dtype=torch.int64)
     slots = torch.zeros(len(seq_ids), dtype=torch.int64)
-    return mirror.begin_step(tuple(seq_ids), list(seq_lens), tables, slots, BLOCK_SIZE, CACHE)
+    return mirror.begin_step(tuple(seq_ids), list(seq_lens), slots, BLOCK_SIZE, CACHE)
 
 
 def test_a_step_appends_only_when_it_continues_the_committed_one(monkeypatch):
@@ -70,13 +68,13 @@ def run(model, mirrored: bool, refills: list[bool]):
         on_logits=log,
     )
     if not mirrored:
-        engine.runner.decode_mirror.max_bytes = 0
+        engine.runner.attn.decode_mirror.max_bytes = 0
     prepare = engine.runner.prepare
 
     def recording_prepare(batch):
         prepared = prepare(batch)
-        if prepared.meta.decode_mirror is not None:
-            refills.append(prepared.meta.decode_mirror.refill)
+        if engine.runner.attn.mirror_step is not None:
+            refills.append(engine.runner.attn.mirror_step.refill)
         return prepared
 
     engine.runner.prepare = recording_prepare

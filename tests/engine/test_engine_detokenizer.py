@@ -1,6 +1,6 @@
 import pytest
 
-from app.engine.detokenizer import IncrementalDetokenizer
+from app.chat.detokenizer import IncrementalDetokenizer
 
 
 def byte_decode(ids):

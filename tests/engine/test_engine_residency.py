@@ -6,10 +6,10 @@ import pytest
 import torch
 from engine_testing import LogitsLog, random_ids, random_model, run_to_finish
 
-from app.engine.engine import LLMEngine, NoFinishedTurn
-from app.engine.model import CausalLM
-from app.engine.types import FinishEvent, MissReason, SamplingParams
-from app.kvcache import ThreadBusy
+from app.engine.network.model import CausalLM
+from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn
+from app.engine.runtime.types import FinishEvent, MissReason, SamplingParams
+from app.kvcache import ThreadInFlight
 
 ATOL = 1e-4
 
@@ -238,7 +238,7 @@ def test_no_block_leaks_after_mixed_cancellations(model):
     assert stats.num_used_blocks == held["t1"] + held["t4"] > 0
 
     seq_id = engine.add_request("t1", [], [1, 2], greedy(1), first_turn=True)
-    with pytest.raises(ThreadBusy):
+    with pytest.raises(ThreadInFlight):
         engine.add_request("t1", [], [1, 2, 3], greedy(1), first_turn=True)
     engine.abort(seq_id)
     for key in keys:

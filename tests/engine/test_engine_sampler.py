@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from app.engine.sampler import sample, validate_params
-from app.engine.types import SamplingParams
+from app.engine.runtime.sampler import sample, validate_params
+from app.engine.runtime.types import SamplingParams
 
 
 def gens(seeds):

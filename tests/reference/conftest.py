@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.attention import AttentionMetadata
-from app.engine.model import CausalLM
+from app.engine.network.attention import AttentionMetadata, create_backend
+from app.engine.network.model import CausalLM
 
 
 def paged_logits(
@@ -49,6 +49,7 @@ def paged_logits(
         for _ in range(config.num_layers)
     ]
     block_table = torch.tensor([block_ids], dtype=torch.int32, device=device)
+    attn = create_backend(kv_caches)
     chunk_sizes = chunk_sizes or [num_tokens]
     assert sum(chunk_sizes) == num_tokens, "chunks must cover the sequence"
 
@@ -65,16 +66,17 @@ def paged_logits(
             seq_lens=torch.tensor([end], dtype=torch.int32, device=device),
             max_seqlen_q=size,
             max_seqlen_k=end,
-            cu_seqlens_q_host=[0, size],
-            seq_lens_host=[end],
         )
+        attn.prepare(meta, seq_ids=(0,), cu_seqlens_q=[0, size], seq_lens=[end])
         with torch.inference_mode():
             hidden = model(
                 torch.tensor(input_ids[start:end], device=device),
                 torch.tensor(positions, device=device),
                 kv_caches,
                 meta,
+                attn,
             )
+            attn.finish_step()
             logits.append(model.compute_logits(hidden))
         start = end
     return torch.cat(logits)

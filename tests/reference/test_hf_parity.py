@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from app.engine.builtin import build_builtin_model, builtin_hf_config_kwargs
-from app.engine.loader import load_model
+from app.engine.loading.builtin import build_builtin_model, builtin_hf_config_kwargs
+from app.engine.loading.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,16 +7,16 @@ import hashlib
 import pytest
 import torch
 
-from app.engine.builtin import (
+from app.chat.chat_format import SimpleChatFormat
+from app.engine.loading.builtin import (
     BUILTIN_MODELS,
     build_builtin_model,
     builtin_config,
     builtin_hf_config_kwargs,
     builtin_tokenizer,
 )
-from app.engine.chat_format import SimpleChatFormat
-from app.engine.loader import resolve_model
-from app.engine.model import CausalLM
+from app.engine.loading.loader import resolve_model
+from app.engine.network.model import CausalLM
 
 # sha256 over (name, float32 bytes) of builtin-tiny-random's state dict. The weights come from
 # integer draws and correctly rounded float ops only, so this holds on any machine; a change

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from app.engine.builtin import builtin_tokenizer
-from app.engine.chat_format import SimpleChatFormat, TemplateChatFormat
-from app.engine.chat_template import ChatTemplate, ChatTemplateError, read_chat_template
-from app.engine.tokenizer import HFTokenizer
+from app.chat.chat_format import SimpleChatFormat, TemplateChatFormat
+from app.chat.chat_template import ChatTemplate, ChatTemplateError, read_chat_template
+from app.chat.tokenizer import HFTokenizer
+from app.engine.loading.builtin import builtin_tokenizer
 
 CONVERSATION = [
     ("Hello! Who are you?", "I am an assistant, here to help."),
@@ -102,7 +102,7 @@ def test_llama3_pieces(tokenizer_folders):
 
 @pytest.mark.parametrize("kind", ["reasoning", "windowed"])
 def test_template_that_is_not_prefix_stable_warns(tokenizer_folders, kind, caplog):
-    with caplog.at_level(logging.WARNING, logger="app.engine.chat_format"):
+    with caplog.at_level(logging.WARNING, logger="app.chat.chat_format"):
         chat_format = template_format(tokenizer_folders[kind], name=f"{kind}-model")
     assert not chat_format.is_incremental_exact
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -114,7 +114,7 @@ def test_template_that_is_not_prefix_stable_warns(tokenizer_folders, kind, caplo
 
 
 def test_prefix_stable_template_does_not_warn(tokenizer_folders, caplog):
-    with caplog.at_level(logging.WARNING, logger="app.engine.chat_format"):
+    with caplog.at_level(logging.WARNING, logger="app.chat.chat_format"):
         template_format(tokenizer_folders["chatml"])
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -134,7 +134,7 @@ def test_system_folded_into_first_user_message(tokenizer_folders, caplog):
         "{% endif %}{% endfor %}"
     )
     tokenizer = HFTokenizer.from_folder(tokenizer_folders["chatml"])
-    with caplog.at_level(logging.WARNING, logger="app.engine.chat_format"):
+    with caplog.at_level(logging.WARNING, logger="app.chat.chat_format"):
         chat_format = TemplateChatFormat(
             ChatTemplate(llama2, {"eos_token": "<|im_end|>"}), tokenizer, model_name="llama2ish"
         )

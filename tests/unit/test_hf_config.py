@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from app.engine.hf_config import ModelLoadError, parse_hf_config, read_hf_config
-from app.engine.model import rope_inv_freq
+from app.engine.loading.hf_config import ModelLoadError, parse_hf_config, read_hf_config
+from app.engine.network.model import rope_inv_freq
 
 SMALL = dict(
     hidden_size=64,

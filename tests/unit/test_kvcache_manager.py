@@ -3,8 +3,8 @@ from collections import OrderedDict
 
 import pytest
 
-from app.engine.types import MissReason
-from app.kvcache import KVCacheManager, ThreadBusy
+from app.engine.runtime.types import MissReason
+from app.kvcache import KVCacheManager, ThreadInFlight
 
 
 class FakeClock:
@@ -142,9 +142,9 @@ def test_pinned_threads_are_never_evicted_and_failed_growth_evicts_nothing():
 def test_second_turn_while_pinned_is_thread_busy():
     kv = make()
     kv.begin_turn("a", [1, 2, 3], first_turn=True)
-    with pytest.raises(ThreadBusy):
+    with pytest.raises(ThreadInFlight):
         kv.begin_turn("a", [1, 2, 3, 4], first_turn=False)
-    with pytest.raises(ThreadBusy):
+    with pytest.raises(ThreadInFlight):
         kv.forget("a")
 
 

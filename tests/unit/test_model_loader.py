@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.engine.chat_format import TemplateChatFormat
-from app.engine.hf_config import parse_hf_config
-from app.engine.loader import ModelLoadError, load_model, resolve_model
-from app.engine.model import CausalLM
+from app.chat.chat_format import TemplateChatFormat
+from app.engine.loading.hf_config import parse_hf_config
+from app.engine.loading.loader import ModelLoadError, load_model, resolve_model
+from app.engine.network.model import CausalLM
 
 CONFIG = {
     "architectures": ["LlamaForCausalLM"],

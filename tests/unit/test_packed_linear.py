@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.engine.packed_linear import SMALL_BATCH, LinearGroup, can_pack
+from app.engine.network.packed_linear import SMALL_BATCH, LinearGroup, can_pack
 
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.empty(1)), reason="this torch build has no oneDNN prepacking"

@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from app.engine.builtin import builtin_tokenizer
-from app.engine.detokenizer import IncrementalDetokenizer
-from app.engine.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from app.chat.detokenizer import IncrementalDetokenizer
+from app.chat.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
+from app.engine.loading.builtin import builtin_tokenizer
 
 UNICODE_SAMPLES = [
     "plain ascii",

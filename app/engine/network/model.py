@@ -2,8 +2,8 @@
 
 Parameter names follow the Hugging Face checkpoints, so a safetensors state dict loads as it is.
 The forward pass is flat: the new tokens of every sequence in the step stand in one row
-(`input_ids [T]`, `positions [T]`), and attention reads/writes the paged KV pool through
-`AttentionMetadata` (see attention.py).
+(`input_ids [T]`, `positions [T]`), and attention reads/writes the paged KV pool through the
+device's attention backend and the step's `AttentionMetadata` (see attention/base.py).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from app.engine.attention import AttentionMetadata, paged_attention, store_kv
-from app.engine.packed_linear import LinearGroup
+from app.engine.network.attention import AttentionBackend, AttentionMetadata
+from app.engine.network.packed_linear import LinearGroup
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.wqkv(x)
@@ -125,8 +126,8 @@ class Attention(nn.Module):
             qk = apply_rope(torch.cat((q, k), dim=1), cos, sin)
             q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         k_cache, v_cache = kv_cache
-        store_kv(k, v, k_cache, v_cache, meta)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.layer)  # [T, Hq, D]
+        attn.store_kv(k, v, k_cache, v_cache, meta)
+        out = attn.forward(q, k_cache, v_cache, meta, self.scale, self.layer)  # [T, Hq, D]
         (out,) = self.wo(out.reshape(num_tokens, self.num_heads * self.head_dim))
         return out
 
@@ -163,8 +164,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+    def forward(self, x, cos, sin, kv_cache, meta, attn):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -222,13 +223,14 @@ class CausalLM(nn.Module):
         positions: torch.Tensor,  # [T]
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (k_cache, v_cache)
         meta: AttentionMetadata,
+        attn: AttentionBackend,  # prepared for this step's meta
     ) -> torch.Tensor:
         """Hidden states after the final norm, [T, hidden]."""
         x = self.model.embed_tokens(input_ids)
         cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, D]
         sin = self.rope_sin[positions].unsqueeze(1)
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, cos, sin, kv_cache, meta)
+            x = layer(x, cos, sin, kv_cache, meta, attn)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Build the model runtime (loaded model + AsyncEngine) from settings, for the app's lifespan.
+"""Build the model runtime (loaded model + AsyncLLMEngine) from settings, for the app's lifespan.
 
 torch is imported here only inside the function, so importing the app (and the API layer) does
 not pull it in; the model loads once, when the app starts.
@@ -22,12 +22,12 @@ def build_runtime(settings: Settings) -> ModelRuntime:
     """Load the configured model and start an engine on it (blocking: seconds for big models)."""
     import torch
 
-    from app.engine.bridge import AsyncEngine
-    from app.engine.loader import resolve_model
+    from app.engine.loading.loader import resolve_model
+    from app.engine.runtime.async_engine import AsyncLLMEngine
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = resolve_model(settings.model, settings.device, dtype)
-    engine = AsyncEngine.from_loaded(
+    engine = AsyncLLMEngine.from_loaded(
         loaded,
         kv_cache_mb=settings.kv_cache_mb,
         block_size=settings.block_size,
@@ -66,7 +66,7 @@ async def open_model_runtime(settings: Settings, given: Any | None) -> AsyncIter
     if given is not None:
         if not isinstance(given, ModelRuntime):
             raise TypeError(
-                "create_app(engine=...) takes a ModelRuntime (app.threads.engine_factory."
+                "create_app(runtime=...) takes a ModelRuntime (app.threads.runtime_factory."
                 f"runtime_for(loaded, engine)), got {type(given).__name__}"
             )
         yield given

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from app.engine.sequence import Sequence, SequenceStatus
+from app.engine.runtime.sequence import Sequence, SequenceStatus
 from app.kvcache import KVCacheManager
 
 

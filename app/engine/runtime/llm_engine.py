@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 
-from app.engine.detokenizer import Decode
-from app.engine.kv_pool import KVPool, num_blocks_for_budget
-from app.engine.model import CausalLM
-from app.engine.runner import ModelRunner
-from app.engine.sampler import sample, validate_params
-from app.engine.scheduler import ScheduledBatch, Scheduler
-from app.engine.sequence import Sequence, SequenceStatus
-from app.engine.types import FinishEvent, SamplingParams, StreamEvent, TokenEvent
+from app.chat.detokenizer import Decode
+from app.engine.network.kv_pool import KVPool, num_blocks_for_budget
+from app.engine.network.model import CausalLM
+from app.engine.network.runner import ModelRunner
+from app.engine.runtime.sampler import sample, validate_params
+from app.engine.runtime.scheduler import ScheduledBatch, Scheduler
+from app.engine.runtime.sequence import Sequence, SequenceStatus
+from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent, TokenEvent
 from app.kvcache import KVCacheManager, KVCacheStats, ThreadCacheState
 
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
@@ -151,7 +151,7 @@ class LLMEngine:
         first_turn: bool,
         arrival: float | None = None,
     ) -> int:
-        """Queue one turn of a thread; returns its sequence id. Raises ThreadBusy while the
+        """Queue one turn of a thread; returns its sequence id. Raises ThreadInFlight while the
         thread's previous turn is in flight or awaiting commit/rollback."""
         self.validate_request(history_ids, new_ids, params)
         prompt = [*history_ids, *new_ids]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.model import ModelConfig
+from app.engine.network.model import ModelConfig
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

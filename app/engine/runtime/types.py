@@ -1,6 +1,6 @@
 """What the service and the engine exchange: plain data, no torch.
 
-The threads service calls the engine through `AsyncEngine` (engine/bridge.py):
+The threads service calls the engine through `AsyncLLMEngine` (runtime/async_engine.py):
 
     stream = engine.generate(thread_key, history_ids, new_ids, params, first_turn=...)
     async for event in stream:          # TokenEvent ... then one FinishEvent

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from app.engine.types import SamplingParams
+from app.engine.runtime.types import SamplingParams
 
 
 def sample(

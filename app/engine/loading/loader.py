@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from app.engine import builtin
-from app.engine.chat_format import ChatFormat, SimpleChatFormat, TemplateChatFormat
-from app.engine.chat_template import ChatTemplateError, read_chat_template
-from app.engine.hf_config import ModelLoadError, read_hf_config
-from app.engine.model import CausalLM, ModelConfig
-from app.engine.tokenizer import HFTokenizer, Tokenizer
+from app.chat.chat_format import ChatFormat, SimpleChatFormat, TemplateChatFormat
+from app.chat.chat_template import ChatTemplateError, read_chat_template
+from app.chat.tokenizer import HFTokenizer, Tokenizer
+from app.engine.loading import builtin
+from app.engine.loading.hf_config import ModelLoadError, read_hf_config
+from app.engine.network.model import CausalLM, ModelConfig
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_model"]
 

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import AttentionMetadata, decode_key_mask
-from app.engine.decode_mirror import DecodeMirror
-from app.engine.model import CausalLM
-from app.engine.scheduler import ScheduledBatch
+from app.engine.network.attention import AttentionMetadata, create_backend
+from app.engine.network.model import CausalLM
+from app.engine.runtime.scheduler import ScheduledBatch
 
 
 @dataclass
@@ -50,9 +49,7 @@ class ModelRunner:
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
             model.prepack_linears()
-        # At most the pool's own size: the decode batch's keys, padded, plus headroom.
-        pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
-        self.decode_mirror = DecodeMirror(len(kv_caches), max_bytes=pool_bytes)
+        self.attn = create_backend(kv_caches)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_cuda:
@@ -91,42 +88,20 @@ class ModelRunner:
         max_blocks = max(len(t) for t in tables)
         padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
 
-        block_tables = self._tensor(padded_tables, torch.int32)
-        seq_lens_t = self._tensor(seq_lens, torch.int32)
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping, torch.int64),
-            block_tables=block_tables,
+            block_tables=self._tensor(padded_tables, torch.int32),
             cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32),
-            seq_lens=seq_lens_t,
+            seq_lens=self._tensor(seq_lens, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),
             max_seqlen_k=max(seq_lens),
-            cu_seqlens_q_host=cu_seqlens_q,
-            seq_lens_host=seq_lens,
         )
-        # Decodes only: one padded attention for the batch, unless padding to the longest table
-        # would read more than twice the real keys (one long thread among short ones); then the
-        # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
-        # step; past its memory budget they are gathered from the pool every step.
-        padded_keys = len(tables) * max_blocks * bs
-        if (
-            not self._is_cuda
-            and max(batch.num_new_tokens) == 1
-            and padded_keys <= 2 * sum(seq_lens)
-        ):
-            padded_blocks = block_tables.long()
-            meta.decode_mirror = self.decode_mirror.begin_step(
-                tuple(seq.seq_id for seq in batch.seqs),
-                seq_lens,
-                padded_blocks,
-                meta.slot_mapping,
-                bs,
-                self.kv_caches[0][0],
-            )
-            if meta.decode_mirror is None:
-                meta.decode_blocks = padded_blocks
-                meta.decode_mask = decode_key_mask(seq_lens_t, max_blocks * bs)
-        else:
-            self.decode_mirror.reset()
+        self.attn.prepare(
+            meta,
+            seq_ids=tuple(seq.seq_id for seq in batch.seqs),
+            cu_seqlens_q=cu_seqlens_q,
+            seq_lens=seq_lens,
+        )
         return PreparedBatch(
             input_ids=self._tensor(input_ids, torch.int64),
             positions=self._tensor(positions, torch.int64),
@@ -138,7 +113,8 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, prepared: PreparedBatch) -> torch.Tensor:
         """Run the model over the batch; return the float32 logits of the sampled rows [N, V]."""
-        hidden = self.model(prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta)
-        if prepared.meta.decode_mirror is not None:
-            self.decode_mirror.commit()
+        hidden = self.model(
+            prepared.input_ids, prepared.positions, self.kv_caches, prepared.meta, self.attn
+        )
+        self.attn.finish_step()
         return self.model.compute_logits(hidden.index_select(0, prepared.sample_rows))

@@ -17,8 +17,8 @@ from enum import Enum
 
 import torch
 
-from app.engine.detokenizer import Decode, IncrementalDetokenizer
-from app.engine.types import MissReason, SamplingParams, TurnCounts
+from app.chat.detokenizer import Decode, IncrementalDetokenizer
+from app.engine.runtime.types import MissReason, SamplingParams, TurnCounts
 
 
 class SequenceStatus(Enum):

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.chat_format import SimpleChatFormat
-from app.engine.hf_config import llama_config_kwargs
-from app.engine.model import CausalLM, ModelConfig
-from app.engine.tokenizer import ByteTokenizer
+from app.chat.chat_format import SimpleChatFormat
+from app.chat.tokenizer import ByteTokenizer
+from app.engine.loading.hf_config import llama_config_kwargs
+from app.engine.network.model import CausalLM, ModelConfig
 
 
 @dataclass(frozen=True)

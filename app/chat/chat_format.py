@@ -23,8 +23,8 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
-from app.engine.chat_template import ChatTemplate, ChatTemplateError
-from app.engine.tokenizer import Tokenizer
+from app.chat.chat_template import ChatTemplate, ChatTemplateError
+from app.chat.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 

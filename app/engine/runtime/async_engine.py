@@ -1,6 +1,6 @@
 """The engine for asyncio code: `LLMEngine` on its own thread, turns as async iterators.
 
-    engine = AsyncEngine.from_loaded(loaded, kv_cache_mb=512); engine.start()
+    engine = AsyncLLMEngine.from_loaded(loaded, kv_cache_mb=512); engine.start()
     stream = engine.generate(key, history_ids, new_ids, params, first_turn=False)
     async for event in stream: ...              # TokenEvent ... FinishEvent
     engine.commit_turn(key)  |  engine.rollback_turn(key)
@@ -11,11 +11,11 @@ wakes the thread, which applies the queued commands between steps and sleeps on 
 there is nothing it can do (no busy loop). Events go back to the asyncio loop with
 `loop.call_soon_threadsafe`, one call per request per step.
 
-A thread is busy from `generate` until `commit_turn`/`rollback_turn` (or until its stream ends
-without a FinishEvent); a second `generate` meanwhile raises ThreadBusy at once. Closing a stream
-before its FinishEvent was handed out (aclose, or the consuming task cancelled while it waits
-for an event) aborts the turn, which frees what it took and rolls its thread back. A stream must
-be closed or read to its end: the bridge holds it until then.
+A thread is in flight from `generate` until `commit_turn`/`rollback_turn` (or until its stream
+ends without a FinishEvent); a second `generate` meanwhile raises ThreadInFlight at once. Closing
+a stream before its FinishEvent was handed out (aclose, or the consuming task cancelled while it
+waits for an event) aborts the turn, which frees what it took and rolls its thread back. A stream
+must be closed or read to its end: the bridge holds it until then.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
-from app.engine.engine import LLMEngine, NoFinishedTurn, RequestOutput
-from app.engine.types import FinishEvent, SamplingParams, StreamEvent
-from app.kvcache import KVCacheStats, ThreadBusy, ThreadCacheState
+from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn, RequestOutput
+from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
+from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
 
-__all__ = ["AsyncEngine", "EngineClosed", "NoFinishedTurn", "ThreadBusy", "TurnStream"]
+__all__ = ["AsyncLLMEngine", "EngineClosed", "NoFinishedTurn", "ThreadInFlight", "TurnStream"]
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class EngineClosed(RuntimeError):
 class TurnStream:
     """The events of one turn. Iterate it once; close it to cancel the turn."""
 
-    def __init__(self, bridge: AsyncEngine, thread_key: Hashable) -> None:
+    def __init__(self, bridge: AsyncLLMEngine, thread_key: Hashable) -> None:
         self.thread_key = thread_key
         self.seq_id: int | None = None  # set on the engine thread once the request is queued
         self.finish: FinishEvent | None = None  # handed out: commit/rollback is the caller's
@@ -93,7 +93,7 @@ class TurnStream:
             self._loop.call_soon_threadsafe(self._put, items)
 
 
-class AsyncEngine:
+class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
         self._cond = threading.Condition()
@@ -117,9 +117,9 @@ class AsyncEngine:
         max_num_seqs: int = 16,
         residency: bool = True,
         **engine_kwargs: Any,
-    ) -> AsyncEngine:
+    ) -> AsyncLLMEngine:
         """From a loaded model (anything with .model, .tokenizer.decode, .stop_token_ids and
-        .max_context_length, as `app.engine.loader.resolve_model` returns)."""
+        .max_context_length, as `app.engine.loading.loader.resolve_model` returns)."""
         engine = LLMEngine.from_loaded(
             loaded,
             kv_cache_mb=kv_cache_mb,
@@ -165,8 +165,8 @@ class AsyncEngine:
     ) -> TurnStream:
         """Start a turn; its events arrive through the returned stream (call from the loop).
 
-        Raises at once: ThreadBusy if the thread's previous turn is not settled, ValueError for a
-        request that can never run, EngineClosed after shutdown.
+        Raises at once: ThreadInFlight if the thread's previous turn is not settled, ValueError
+        for a request that can never run, EngineClosed after shutdown.
         """
         arrival = time.perf_counter()
         history, new = list(history_ids), list(new_ids)
@@ -175,7 +175,7 @@ class AsyncEngine:
             if self._closed or self._thread is None:
                 raise EngineClosed("the engine is not running")
             if thread_key in self._turns:
-                raise ThreadBusy(f"thread {thread_key!r} already has a turn in flight")
+                raise ThreadInFlight(f"thread {thread_key!r} already has a turn in flight")
             stream = TurnStream(self, thread_key)
             self._turns[thread_key] = stream
         self._submit(partial(self._start_turn, stream, history, new, params, first_turn, arrival))
@@ -214,7 +214,7 @@ class AsyncEngine:
             if self._closed:
                 return
             if thread_key in self._turns:
-                raise ThreadBusy(f"thread {thread_key!r} has a turn in flight")
+                raise ThreadInFlight(f"thread {thread_key!r} has a turn in flight")
         self._submit(partial(self.engine.forget_thread, thread_key))
 
     def stats(self) -> KVCacheStats:

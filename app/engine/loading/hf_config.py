@@ -25,12 +25,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from app.engine.model import ModelConfig
-
-if TYPE_CHECKING:
-    from app.engine.model import CausalLM
+from app.engine.network.model import ModelConfig
 
 
 class ModelLoadError(ValueError):
@@ -86,26 +83,6 @@ def llama_config_kwargs(config: ModelConfig) -> dict[str, Any]:
         "mlp_bias": False,
         "tie_word_embeddings": config.tie_word_embeddings,
     }
-
-
-def transformers_twin(model: CausalLM):
-    """transformers' `LlamaForCausalLM` holding `model`'s weights, without special token ids:
-    the reference of the throughput benchmark and of the greedy-generation test. Needs
-    transformers (the dev extra)."""
-    import transformers
-
-    hf_config = transformers.LlamaConfig(
-        **llama_config_kwargs(model.config),
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    hf = transformers.LlamaForCausalLM(hf_config).eval()
-    missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
-    # Only transformers' rotary buffer may be missing: the engine derives its rope tables.
-    if unexpected or any("rotary" not in name for name in missing):
-        raise RuntimeError(f"state dicts differ: missing {missing}, unexpected {unexpected}")
-    return hf
 
 
 def parse_hf_config(raw: dict[str, Any], source: str = "config.json") -> ModelConfig:

@@ -24,8 +24,6 @@ from dataclasses import dataclass
 
 import torch
 
-from app.engine.attention import decode_key_mask, gather_padded
-
 HEADROOM_TOKENS = 128  # room to grow before a refill; a refill costs what every step used to
 
 
@@ -43,33 +41,39 @@ class MirrorStep:
     mirror: DecodeMirror
     refill: bool
     capacity: int
-    num_keys: int  # the longest sequence: keys [0, num_keys) are read, the mask hides the rest
-    mask: torch.Tensor  # [B, 1, 1, num_keys] float32, 0 or -inf
-    blocks: torch.Tensor  # [B, M] int64, every row's block table padded to M blocks (refill)
+    num_keys: int  # the longest sequence: keys [0, num_keys) are read, a mask hides the rest
     slots: torch.Tensor  # [B] int64, the pool slot of each row's new token (append)
     rows: torch.Tensor  # [B] int64, 0..B-1
     positions: torch.Tensor  # [B] int64, each row's new token position
+    like: torch.Tensor  # a layer's pool [N, bs, Hkv, D]: the buffers' dtype, device, Hkv, D
 
-    def keys_values(
-        self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    def refill_layer(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """This layer's keys and values for the step, [B, Hkv, num_keys, D] each, after bringing
-        the mirror up to date from the pool (which already holds the step's new token)."""
-        batch = self.rows.shape[0]
+        """A refill step: this layer's mirror rows become `keys`/`values` [B, Hkv, >= num_keys,
+        D], every row's blocks gathered from the pool; returns its keys and values for the
+        step, [B, Hkv, num_keys, D] each."""
         out = []
-        for cache, buffer in zip(
-            (k_cache, v_cache),
-            self.mirror.buffers(layer, batch, self.capacity, k_cache),
-            strict=True,
-        ):
-            if self.refill:
-                gathered = gather_padded(cache, self.blocks)  # [B, Hkv, M * bs, D]
-                buffer[:, :, : gathered.shape[2]].copy_(gathered)
-            else:
-                new = cache.flatten(0, 1).index_select(0, self.slots)  # [B, Hkv, D]
-                buffer[self.rows, :, self.positions] = new
+        for gathered, buffer in zip((keys, values), self._buffers(layer), strict=True):
+            buffer[:, :, : gathered.shape[2]].copy_(gathered)
             out.append(buffer[:, :, : self.num_keys])
         return out[0], out[1]
+
+    def append_layer(
+        self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An append step: each row's new key and value read back from the pool (which already
+        holds the step's new token) into this layer's mirror; returns its keys and values for
+        the step, [B, Hkv, num_keys, D] each."""
+        out = []
+        for cache, buffer in zip((k_cache, v_cache), self._buffers(layer), strict=True):
+            new = cache.flatten(0, 1).index_select(0, self.slots)  # [B, Hkv, D]
+            buffer[self.rows, :, self.positions] = new
+            out.append(buffer[:, :, : self.num_keys])
+        return out[0], out[1]
+
+    def _buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mirror.buffers(layer, self.rows.shape[0], self.capacity, self.like)
 
 
 class DecodeMirror:
@@ -86,7 +90,6 @@ class DecodeMirror:
         self,
         seq_ids: tuple[int, ...],
         seq_lens: list[int],
-        padded_tables: torch.Tensor,  # [B, M] int64
         slot_mapping: torch.Tensor,  # [B] int64, one new token per sequence
         block_size: int,
         like: torch.Tensor,  # a layer's cache: dtype, device, Hkv, D
@@ -117,11 +120,10 @@ class DecodeMirror:
             refill=not continues,
             capacity=capacity,
             num_keys=max_len,
-            mask=decode_key_mask(lens, max_len),
-            blocks=padded_tables,
             slots=slot_mapping,
             rows=torch.arange(len(seq_ids)),
             positions=lens - 1,
+            like=like,
         )
 
     def commit(self) -> None:

@@ -1,0 +1,1 @@
+"""Text <-> tokens without torch: tokenizers, incremental detokenizer, chat formats, templates."""

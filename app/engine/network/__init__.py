@@ -1,0 +1,1 @@
+"""The network on the device: model, packed linears, attention backends, KV pool, model runner."""

@@ -1,0 +1,93 @@
+"""Attention over the paged KV pool: the step's metadata, the backend interface, the choice.
+
+Per step, the model runner builds one AttentionMetadata and hands it to the backend's `prepare`
+with the same values as plain ints (the backend keeps whatever per-step extras it derives from
+them); every layer then calls `store_kv` for its new keys/values and `forward` for its queries;
+once the forward pass has finished, the runner calls `finish_step`.
+
+    attn = create_backend(kv_caches)        # by the pool's device: "cuda" -> Triton, else torch
+    attn.prepare(meta, seq_ids=..., cu_seqlens_q=[...], seq_lens=[...])
+    hidden = model(input_ids, positions, kv_caches, meta, attn)
+    attn.finish_step()
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+KVCaches = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer (k_cache, v_cache)
+
+
+@dataclass
+class AttentionMetadata:
+    """Where one step's tokens go in the pool and what each sequence attends to (on the model's
+    device; every backend reads all of it)."""
+
+    slot_mapping: torch.Tensor  # [T] int64, pool slot of each new token (-1: padding, skipped)
+    block_tables: torch.Tensor  # [B, M] int32, padded with 0 past each sequence's blocks
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, offsets of each sequence's queries in the batch
+    seq_lens: torch.Tensor  # [B] int32, KV length after this step (cached + new)
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+
+class AttentionBackend(ABC):
+    """One device's attention: stores the step's keys/values in the pool and attends over it."""
+
+    @abstractmethod
+    def prepare(
+        self,
+        meta: AttentionMetadata,
+        *,
+        seq_ids: tuple[int, ...],
+        cu_seqlens_q: list[int],
+        seq_lens: list[int],
+    ) -> None:
+        """Called once a step before the forward pass: `meta` and its values on the host (the
+        batch's sequence ids, query offsets and KV lengths), for the extras a backend keeps."""
+
+    @abstractmethod
+    def store_kv(
+        self,
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,
+        k_cache: torch.Tensor,  # [N, bs, Hkv, D]
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None: ...
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        layer: int,
+    ) -> torch.Tensor:
+        """Attention of the step's queries over the pool of `layer` (its index in the model),
+        which already holds the step's new keys and values. Returns [T, Hq, D]."""
+
+    @abstractmethod
+    def finish_step(self) -> None:
+        """The step's forward pass finished (a pass that raised half way never gets here)."""
+
+
+# device type -> "module:class" in this package, imported on first use: the Triton kernels (and
+# triton) load only where a CUDA device serves. Pure torch serves every other device.
+BACKENDS = {"cuda": "triton_backend:TritonBackend", "cpu": "cpu_backend:CPUBackend"}
+DEFAULT_DEVICE_TYPE = "cpu"
+
+
+def create_backend(kv_caches: KVCaches) -> AttentionBackend:
+    """A fresh backend (with its own step state) for the pool `kv_caches`, by its device."""
+    device_type = kv_caches[0][0].device.type
+    module_name, class_name = BACKENDS.get(device_type, BACKENDS[DEFAULT_DEVICE_TYPE]).split(":")
+    module = importlib.import_module(f"{__package__}.{module_name}")
+    return getattr(module, class_name)(kv_caches)

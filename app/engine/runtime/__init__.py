@@ -1,0 +1,1 @@
+"""The engine step and what drives it: LLMEngine, scheduler, sequences, sampler, AsyncLLMEngine."""

@@ -275,7 +275,11 @@ class TurnService:
                         output_tokens=counts.generated_tokens,
                         cost=_decimal_text(cost),
                     ),
-                    cache=schemas.TurnCache(hit=miss_reason is None, miss_reason=miss_reason),
+                    cache=schemas.TurnCache(
+                        hit=miss_reason is None,
+                        miss_reason=miss_reason,
+                        shared_tokens=counts.shared_tokens,
+                    ),
                 )
                 stored = None
                 if turn.idempotency_key is not None:
@@ -294,6 +298,7 @@ class TurnService:
                         fresh_tokens=counts.computed_tokens,
                         output_tokens=counts.generated_tokens,
                         miss_reason=miss_reason,
+                        shared_tokens=counts.shared_tokens,
                         price_fresh_input=unit.fresh_input,
                         price_cached_input=unit.cached_input,
                         price_output=unit.output,
@@ -392,6 +397,7 @@ class Turn:
                     self.new_ids,
                     self.params,
                     first_turn=self.first_turn,
+                    share_scope=self._service._runtime.share_scope(self.account_id),
                 )
             except Exception as exc:
                 raise GenerationFailed(str(exc) or type(exc).__name__) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from app.db import models
 from app.threads import schemas
@@ -33,4 +34,18 @@ def message_view(row: models.Message) -> schemas.Message:
         content=row.content,
         token_count=len(row.token_ids),
         created_at=unix_seconds(row.created_at),
+    )
+
+
+def thread_detail(row: models.Thread, state: Any) -> schemas.ThreadDetail:
+    """The thread with its cache state (the engine's thread_state: .resident, .cached_tokens,
+    and .shared_tokens when the engine shares blocks)."""
+    view = thread_view(row)
+    return schemas.ThreadDetail(
+        **{f: getattr(view, f) for f in view.__struct_fields__},
+        cache=schemas.CacheState(
+            resident=bool(state.resident),
+            cached_tokens=int(state.cached_tokens),
+            shared_tokens=int(getattr(state, "shared_tokens", 0)),
+        ),
     )

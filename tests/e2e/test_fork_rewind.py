@@ -166,3 +166,9 @@ async def test_prefix_sharing_stays_within_an_account_unless_allowed(open_api, n
         else:
             assert other["usage"]["cached_tokens"] == other["cache"]["shared_tokens"] == 0
             assert other["usage"]["fresh_tokens"] == other["usage"]["input_tokens"]
+
+
+async def test_openapi_names_fork_and_rewind(fake_api):
+    paths = (await fake_api.get("/schema/openapi.json")).json()["paths"]
+    assert paths["/v1/threads/{thread_id}/fork"]["post"]["operationId"] == "forkThread"
+    assert paths["/v1/threads/{thread_id}/rewind"]["post"]["operationId"] == "rewindThread"

@@ -5,6 +5,8 @@ turn's usage: cached and fresh input tokens, output tokens, the cost, and whethe
 was still resident (a hit) or why not. Only the HTTP API is used, as any client would.
 
     /new     start a new thread          /quit (or Ctrl-D)   leave
+    /fork    continue in a copy of this thread (it shares the KV: nothing is recomputed)
+    /rewind N  drop the messages after position N (0 is the system message), keep their KV
     Ctrl-C while a reply streams stops it (the turn is cancelled and nothing of it is saved).
 """
 
@@ -88,6 +90,31 @@ class ChatSession:
         self.thread_id = r.json()["id"]
         self.out.write(f"new thread {self.thread_id} on model {r.json()['model']}\n")
 
+    def fork(self) -> None:
+        """Continue in a fork of the current thread (the old one stays as it is)."""
+        r = self.client.post(f"/v1/threads/{self.thread_id}/fork", json={})
+        if r.status_code != 201:
+            self.out.write(f"error: {_error_text(r)}\n")
+            return
+        child = r.json()
+        self.out.write(
+            f"forked {self.thread_id} into {child['id']} ({child['message_count']} messages; "
+            f"{child['cache']['cached_tokens']} tokens of KV, "
+            f"{child['cache']['shared_tokens']} shared)\n"
+        )
+        self.thread_id = child["id"]
+
+    def rewind(self, position: int) -> None:
+        r = self.client.post(f"/v1/threads/{self.thread_id}/rewind", json={"position": position})
+        if r.status_code != 200:
+            self.out.write(f"error: {_error_text(r)}\n")
+            return
+        thread = r.json()
+        self.out.write(
+            f"rewound to position {position} ({thread['message_count']} messages, "
+            f"{thread['token_count']} tokens; {thread['cache']['cached_tokens']} cached)\n"
+        )
+
     def turn(self, content: str) -> dict | None:
         """Send one message, print the reply as it streams; the final `done` data, or None."""
         body: dict = {"content": content, "stream": True}
@@ -132,7 +159,10 @@ def run_chat(
             session.new_thread()
     except httpx.TransportError as exc:
         raise ChatError(f"cannot reach the server at {client.base_url}: {exc}") from None
-    out.write("type a message; /new for a new thread, /quit or Ctrl-D to leave\n")
+    out.write(
+        "type a message; /new for a new thread, /fork to branch it, /rewind N to go back to "
+        "message N, /quit or Ctrl-D to leave\n"
+    )
     while True:
         try:
             line = read_line("you> ")
@@ -149,6 +179,16 @@ def run_chat(
             return 0
         if text == "/new":
             session.new_thread()
+            continue
+        if text == "/fork":
+            session.fork()
+            continue
+        if text.split()[0] == "/rewind":
+            arg = text.split()[1:]
+            if len(arg) != 1 or not arg[0].isdigit():
+                out.write("usage: /rewind N (the position of the last message to keep)\n")
+            else:
+                session.rewind(int(arg[0]))
             continue
         out.write("assistant> ")
         try:

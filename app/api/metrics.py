@@ -4,7 +4,8 @@ Two sources:
 - the ledger (SQL sums over all accounts, per model): turns and tokens billed, cached / fresh /
   output. They survive restarts and agree across server processes sharing the database.
 - this process's KV cache counters (the engine's stats()): hits, misses by reason, evictions,
-  tokens served from the cache and computed, resident and pinned threads, blocks in use.
+  tokens served from the cache and computed, resident and pinned threads, blocks in use, and
+  sharing: blocks held by several threads, logical versus unique KV tokens.
   Counters restart at zero with the process, as Prometheus expects of counters.
 
 Not authenticated: it reveals volumes, not content. Bind it to a private network in production
@@ -64,6 +65,15 @@ ENGINE_SCALARS = (
      "Threads holding KV blocks now, in flight or not.", "num_resident_threads"),
     ("kvthreads_kv_pinned_threads", "gauge",
      "Threads with a turn in flight (never evicted).", "num_pinned_threads"),
+    ("kvthreads_kv_shared_tokens_total", "counter",
+     "Of the cached prompt tokens, those in KV blocks shared with other threads.",
+     "shared_tokens"),
+    ("kvthreads_kv_block_copies_total", "counter",
+     "Partial KV blocks copied on write (fork, rewind, a shared tail).", "block_copies"),
+    ("kvthreads_kv_logical_tokens", "gauge",
+     "KV tokens the resident threads hold, each thread counted apart.", "logical_tokens"),
+    ("kvthreads_kv_unique_tokens", "gauge",
+     "KV tokens the pool stores: shared blocks counted once.", "unique_tokens"),
     ("kvthreads_kv_block_size_tokens", "gauge", "Tokens per KV block.", "block_size"),
     ("kvthreads_kv_residency_enabled", "gauge",
      "1 when threads keep their KV between turns, 0 in recompute mode.", "residency"),
@@ -83,7 +93,18 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
         "kvthreads_kv_blocks",
         "gauge",
         "KV blocks of the pool, by state.",
-        [({"state": "used"}, stats.num_used_blocks), ({"state": "free"}, stats.num_free_blocks)],
+        [
+            ({"state": "used"}, stats.num_used_blocks),
+            ({"state": "shared"}, stats.num_shared_blocks),
+            ({"state": "free"}, stats.num_free_blocks),
+            ({"state": "free_cached"}, stats.num_cached_free_blocks),
+        ],
+    )
+    out.add(
+        "kvthreads_kv_sharing_ratio",
+        "gauge",
+        "Logical over unique KV tokens (1: nothing shared).",
+        [({}, round(stats.sharing_ratio, 6))],
     )
 
 

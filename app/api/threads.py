@@ -1,4 +1,4 @@
-"""/v1/threads: create, list, read (with its cache state) and delete threads."""
+"""/v1/threads: create, list, read (with its cache state), delete, fork and rewind threads."""
 
 from __future__ import annotations
 
@@ -59,3 +59,27 @@ class ThreadController(Controller):
     ) -> schemas.Deleted:
         """Delete the thread and its messages and free its cache (its ledger rows stay)."""
         return await thread_service.delete(account_id, thread_id)
+
+    @post("/{thread_id:str}/fork", operation_id="forkThread", status_code=201)
+    async def fork_thread(
+        self,
+        account_id: NamedDependency[str],
+        thread_service: NamedDependency[ThreadService],
+        thread_id: FromPath[str],
+        data: JSONBody[schemas.ForkThreadRequest],
+    ) -> schemas.ThreadDetail:
+        """A new thread with this one's messages up to position `at` (all by default), their
+        exact token ids and their KV: its first turn computes only its new tokens."""
+        return await thread_service.fork(account_id, thread_id, data)
+
+    @post("/{thread_id:str}/rewind", operation_id="rewindThread", status_code=200)
+    async def rewind_thread(
+        self,
+        account_id: NamedDependency[str],
+        thread_id: FromPath[str],
+        thread_service: NamedDependency[ThreadService],
+        data: JSONBody[schemas.RewindThreadRequest],
+    ) -> schemas.ThreadDetail:
+        """Drop the messages after `position`, keeping the KV of the rest (409 during a turn);
+        billed turns stay in the ledger."""
+        return await thread_service.rewind(account_id, thread_id, data)

@@ -29,6 +29,7 @@ class TurnTokens:
     cached_tokens: int  # served from the KV cache
     fresh_tokens: int  # computed this turn
     output_tokens: int  # generated
+    shared_tokens: int = 0  # of the cached ones, those in KV blocks other threads hold too
 
 
 def usage_row(

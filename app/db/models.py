@@ -148,6 +148,7 @@ class UsageRecord(Base):
             "cached_tokens >= 0 AND fresh_tokens >= 0 AND output_tokens >= 0",
             name="tokens_not_negative",
         ),
+        CheckConstraint("shared_tokens BETWEEN 0 AND cached_tokens", name="shared_within_cached"),
         CheckConstraint("cost >= 0", name="cost_not_negative"),
     )
 
@@ -164,6 +165,8 @@ class UsageRecord(Base):
     fresh_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
     output_tokens: Mapped[int] = mapped_column(Integer, nullable=False)
     miss_reason: Mapped[str | None] = mapped_column(Text)
+    # Of cached_tokens, those served from KV blocks shared with other threads.
+    shared_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
     price_fresh_input: Mapped[Decimal] = mapped_column(MONEY, nullable=False)  # per 1M tokens
     price_cached_input: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     price_output: Mapped[Decimal] = mapped_column(MONEY, nullable=False)

@@ -1,18 +1,28 @@
-"""A fixed pool of KV blocks, as plain ints: a FIFO free list and the owner of every used block.
+"""A fixed pool of KV blocks, as plain ints: reference counts, content hashes, an LRU free queue.
 
-Blocks are handed out from the head of the free list and returned to its tail, so a freed block
-is reused as late as possible (and tests can predict exact block ids). Without shared prefixes a
-block has exactly one owner (a thread key), so an owner slot stands in for a reference count.
+    block:    ref_count > 0  used: in the block tables of ref_count threads
+              ref_count == 0 free: in the free queue; with a hash it is still *cached* (its KV
+                             is intact and `lookup` finds it) until an allocation reuses it
+
+Blocks are handed out from the head of the free queue and returned to its tail, so a freed block
+(and the cached KV it may hold) is reused as late as possible, and tests can predict exact block
+ids. The queue is an OrderedDict: taking a cached block back out of it (`acquire`) is O(1).
+
+Only full blocks get a hash (`register`); a block with a hash is never written again, which is
+why a thread may share it. A hash names at most one block: a second block computed with the
+same contents stays unregistered (and private to its thread).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Hashable, Iterable
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from app.kvcache.block_hash import BlockHash
 
 
 class BlockPoolExhausted(RuntimeError):
-    """An allocation asked for more blocks than the free list holds."""
+    """An allocation asked for more blocks than the free queue holds."""
 
 
 class BlockPool:
@@ -23,8 +33,11 @@ class BlockPool:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(num_blocks))
-        self._owner: list[Hashable | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._ref = [0] * num_blocks
+        self._hash: list[BlockHash | None] = [None] * num_blocks
+        self._by_hash: dict[BlockHash, int] = {}
+        self.num_cache_evictions = 0  # cached free blocks reused for other KV
 
     @property
     def num_free(self) -> int:
@@ -34,40 +47,89 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
+    @property
+    def num_cached_free(self) -> int:
+        """Free blocks whose KV is still findable by hash."""
+        return sum(1 for b in self._free if self._hash[b] is not None)
+
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold num_tokens tokens."""
         return -(-num_tokens // self.block_size)
 
     def free_block_ids(self) -> list[int]:
-        """The free list, head first (the next allocation takes from the head)."""
+        """The free queue, head first (the next allocation takes from the head)."""
         return list(self._free)
 
-    def owner(self, block_id: int) -> Hashable | None:
-        return self._owner[block_id]
+    def ref_count(self, block_id: int) -> int:
+        return self._ref[block_id]
 
-    def allocate(self, num: int, owner: Hashable) -> list[int]:
-        if owner is None:
-            raise ValueError("a block's owner cannot be None (None marks a free block)")
+    def block_hash(self, block_id: int) -> BlockHash | None:
+        return self._hash[block_id]
+
+    def is_private(self, block_id: int) -> bool:
+        """One holder and no hash: the holder may write into it."""
+        return self._ref[block_id] == 1 and self._hash[block_id] is None
+
+    def lookup(self, block_hash: BlockHash) -> int | None:
+        return self._by_hash.get(block_hash)
+
+    def allocate(self, num: int) -> list[int]:
+        """num blocks from the head of the free queue, each with one holder and no hash."""
         if num > len(self._free):
             raise BlockPoolExhausted(f"asked for {num} blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(num)]
-        for block_id in blocks:
-            self._owner[block_id] = owner
+        blocks = []
+        for _ in range(num):
+            block_id, _ = self._free.popitem(last=False)
+            if self._hash[block_id] is not None:
+                self.unregister(block_id)
+                self.num_cache_evictions += 1
+            self._ref[block_id] = 1
+            blocks.append(block_id)
         return blocks
 
+    def acquire(self, block_id: int) -> None:
+        """One more holder of a used block, or a cached free block taken back into use."""
+        if self._ref[block_id] == 0:
+            if self._hash[block_id] is None:
+                raise RuntimeError(f"block {block_id} is free and holds no cached KV")
+            del self._free[block_id]
+        self._ref[block_id] += 1
+
     def free(self, blocks: Iterable[int]) -> None:
+        """One holder fewer for each block; a block nobody holds goes to the free queue's tail."""
         for block_id in blocks:
-            if self._owner[block_id] is None:
+            if self._ref[block_id] == 0:
                 raise RuntimeError(f"block {block_id} freed twice")
-            self._owner[block_id] = None
-            self._free.append(block_id)
+            self._ref[block_id] -= 1
+            if self._ref[block_id] == 0:
+                self._free[block_id] = None
+
+    def register(self, block_id: int, block_hash: BlockHash) -> bool:
+        """Give a used, full block its content hash. False if the hash already names another
+        block (the caller keeps its copy private) or the block already has one."""
+        if self._ref[block_id] == 0:
+            raise RuntimeError(f"block {block_id} is free")
+        if block_hash in self._by_hash or self._hash[block_id] is not None:
+            return False
+        self._hash[block_id] = block_hash
+        self._by_hash[block_hash] = block_id
+        return True
+
+    def unregister(self, block_id: int) -> None:
+        block_hash = self._hash[block_id]
+        if block_hash is not None:
+            del self._by_hash[block_hash]
+            self._hash[block_id] = None
 
     def check_integrity(self) -> None:
-        """free + used == total, and no block is both free and owned, or free twice."""
-        free = set(self._free)
-        assert len(free) == len(self._free), "a block sits twice in the free list"
-        used = {b for b, owner in enumerate(self._owner) if owner is not None}
-        assert not free & used, f"blocks both free and owned: {sorted(free & used)}"
-        assert len(free) + len(used) == self.num_blocks, (
-            f"free {len(free)} + used {len(used)} != total {self.num_blocks}"
+        """free + used == total; free blocks have no holder; hashes and the index agree."""
+        for block_id in self._free:
+            assert self._ref[block_id] == 0, f"free block {block_id} has holders"
+        used = sum(1 for r in self._ref if r > 0)
+        assert all(r >= 0 for r in self._ref), "a negative reference count"
+        assert len(self._free) + used == self.num_blocks, (
+            f"free {len(self._free)} + used {used} != total {self.num_blocks}"
         )
+        for block_hash, block_id in self._by_hash.items():
+            assert self._hash[block_id] == block_hash, f"index and block {block_id} disagree"
+        assert sum(h is not None for h in self._hash) == len(self._by_hash)

@@ -1,27 +1,39 @@
-"""Per-thread KV residency over the block pool: reuse, pinning, LRU eviction, rollback.
+"""Per-thread KV residency over the block pool: reuse, sharing, pinning, LRU eviction, rollback.
 
 Each thread that holds KV has one `ThreadCache`: its block table and the exact token ids whose
 KV those blocks hold. A turn goes through
 
-    begin_turn(key, prompt_ids)   pin; keep the longest resident prefix of prompt_ids, free the rest
-    ensure_blocks(key, n) ...     grow the block table as the turn computes (evicting LRU threads)
-    finish_turn(key, ids)         the ids whose KV is now held (prompt + generated[:-1])
-    release(key, keep_tokens)     unpin, optionally truncate (a rollback), mark recently used
+    begin_turn(key, prompt_ids, scope=s)   pin; keep the longest resident prefix of prompt_ids
+                                           (the thread's own, or full blocks any thread of scope
+                                           s computed), free the rest
+    ensure_blocks(key, n) ...              grow the block table (evicting LRU threads)
+    note_progress(key, ids, n)             the first n ids have KV now: name their full blocks
+    finish_turn(key, ids)                  the ids whose KV is now held (prompt + generated[:-1])
+    release(key, keep_tokens)              unpin, optionally truncate (a rollback), mark used
+
+and between turns a thread may be forked (`fork`: the child holds the parent's full blocks and a
+copy of its partial one) or rewound (`truncate`).
+
+Sharing. A full block gets a content address (app/kvcache/block_hash.py) once its KV is computed
+and is then read-only: any thread of the same scope whose log starts with the same tokens may
+hold it too (the pool counts holders). A block is freed when its last holder lets go, and even
+then stays findable in the free queue until an allocation reuses it. The last, partly filled
+block of a thread is always private: a thread whose kept tokens end inside a block it does not
+own alone gets a copy of it first (`copy_block(src, dst)`, done by the engine in the KV tensor).
+A scope of None keeps a thread out of sharing altogether (no hashes, nothing found).
+
+    thread a:  [ 7 | 2 | 9 ]   a b c d | e f g h | i j . .
+    thread b:  [ 7 | 2 | 4 ]   a b c d | e f g h | x . . .     7 and 2 held twice, 9 and 4 private
+    truncate(b, 6):  [ 7 | 5 ]  block 2 is shared, so its first 2 slots are copied into 5 first
 
 A pinned thread is never evicted. Unpinned threads with blocks sit in an LRU (an OrderedDict,
-least recently used first) and are evicted whole when an allocation needs room. `drop_blocks`
-takes a pinned thread's blocks back (preemption): its turn recomputes from scratch.
+least recently used first) and are evicted whole when an allocation needs room; evicting one
+frees only the blocks nobody else holds. `drop_blocks` takes a pinned thread's blocks back
+(preemption): its turn recomputes from scratch.
 
 The block table of a thread is one list, handed to the turn's Sequence by `begin_turn`; the
-manager appends to it while the turn runs and only shortens it when a turn begins, is preempted,
-or is released.
-
-    block_table:  [ 7 | 2 | 9 ]        block_size 4, 10 tokens held: blocks_for(10) = 3
-    token_ids:    t0 t1 t2 t3 | t4 t5 t6 t7 | t8 t9 . .
-    truncate(5):  [ 7 | 2 ]            block 9 freed; t5.. of block 2 are stale, overwritten later
-
-Shared prefixes across threads (one block, several owners) are not supported yet: every block
-has exactly one owner.
+manager appends to it while the turn runs and only shortens it (or replaces its last, partial
+block by a private copy) when a turn begins, is preempted, or is released.
 """
 
 from __future__ import annotations
@@ -31,9 +43,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+from app.kvcache.block_hash import BlockHash, extend_hashes, root_hash
 from app.kvcache.block_pool import BlockPool
 from app.kvcache.miss_reason import MissReason
+from app.kvcache.prefix_index import match_prefix
 from app.kvcache.stats import KVCacheStats, ThreadCacheState
+
+CopyBlock = Callable[[int, int], None]  # (src, dst): copy one block's KV, all layers
 
 
 class ThreadInFlight(RuntimeError):
@@ -45,6 +61,9 @@ class ThreadCache:
     key: Hashable
     token_ids: list[int] = field(default_factory=list)  # ids whose KV the blocks hold
     block_table: list[int] = field(default_factory=list)
+    # Chain hashes of the thread's full blocks (empty when it does not share: root is None).
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    root: BlockHash | None = None
     pinned: bool = False
     last_used: float | None = None
 
@@ -56,6 +75,7 @@ class CacheLookup:
     num_cached_tokens: int
     miss_reason: MissReason | None  # None: a hit, the whole resident KV was reused
     block_table: list[int]
+    num_shared_tokens: int = 0  # of the cached tokens, those in blocks other threads hold too
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -73,33 +93,47 @@ class KVCacheManager:
         block_size: int,
         *,
         residency: bool = True,
+        identity: bytes = b"",
+        copy_block: CopyBlock | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`identity` names the model and the KV layout: blocks are shared only between
+        threads of the same identity and scope. `copy_block(src, dst)` copies a block's KV
+        (the engine's pool); without it copies are only counted (bookkeeping tests)."""
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.residency = residency
+        self.identity = identity
+        self.copy_block = copy_block
         self._clock = clock
         self._threads: dict[Hashable, ThreadCache] = {}
         self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unpinned, with blocks; LRU first
-        self._num_evictable_blocks = 0
         self._ever_held: set[Hashable] = set()
         self._hits = 0
         self._misses = {reason.value: 0 for reason in MissReason}
         self._evictions = 0
         self._preemptions = 0
         self._cached_tokens = 0
+        self._shared_tokens = 0
         self._computed_tokens = 0
+        self._block_copies = 0
 
     # ---- the turn ------------------------------------------------------------------------
 
     def begin_turn(
-        self, key: Hashable, prompt_ids: Sequence[int], *, first_turn: bool
+        self,
+        key: Hashable,
+        prompt_ids: Sequence[int],
+        *,
+        first_turn: bool,
+        scope: Hashable | None = None,
     ) -> CacheLookup:
-        """Pin the thread and find how much of prompt_ids its resident KV already holds.
+        """Pin the thread and find how much of prompt_ids is already computed: its own resident
+        KV, or (when scope is not None) full blocks of the same scope that any thread computed.
 
         At least the last prompt token is always left to compute: its logits give the first
-        sampled token. Resident KV past the matching prefix is freed.
+        sampled token. Resident KV past the kept prefix is freed.
         """
         if not prompt_ids:
             raise ValueError("a turn needs at least one prompt token")
@@ -111,6 +145,10 @@ class KVCacheManager:
         else:
             self._lru_remove(entry)
         entry.pinned = True
+        root = root_hash(self.identity, scope) if scope is not None and self.residency else None
+        if entry.root != root:
+            self._truncate(entry, 0)  # KV named under another scope (or none): start over
+            entry.root = root
 
         held = entry.token_ids
         if not self.residency:
@@ -127,15 +165,50 @@ class KVCacheManager:
                 reason = MissReason.EVICTED
             else:
                 reason = MissReason.RESTARTED
+        found: range = range(0)  # indices of the blocks taken from the prefix index
+        if root is not None:
+            num_own_full = num_cached // self.block_size
+            max_blocks = (len(prompt_ids) - 1) // self.block_size
+            if max_blocks > num_own_full:
+                extend_hashes(
+                    entry.block_hashes, root, held[: num_own_full * self.block_size],
+                    self.block_size,
+                )  # fmt: skip
+                matched = match_prefix(
+                    self.pool,
+                    root,
+                    prompt_ids,
+                    known=entry.block_hashes[:num_own_full],
+                    max_blocks=max_blocks,
+                )
+                if matched and (num_own_full + len(matched)) * self.block_size > num_cached:
+                    self._truncate(entry, num_own_full * self.block_size)
+                    for block_id, block_hash in matched:
+                        self.pool.acquire(block_id)
+                        entry.block_table.append(block_id)
+                        entry.block_hashes.append(block_hash)
+                    num_cached = len(entry.block_table) * self.block_size
+                    entry.token_ids = list(prompt_ids[:num_cached])
+                    found = range(num_own_full, len(entry.block_table))
         self._truncate(entry, num_cached)
+        num_cached = len(entry.token_ids)  # less when a shared partial block found no room
         if self.residency:
             self._ever_held.add(key)
         if reason is None:
             self._hits += 1
         else:
             self._misses[reason.value] += 1
+        num_shared = self.block_size * sum(
+            1
+            for i, block_id in enumerate(entry.block_table[: num_cached // self.block_size])
+            if i in found or self.pool.ref_count(block_id) > 1
+        )
         self._cached_tokens += num_cached
-        return CacheLookup(num_cached, reason, entry.block_table)
+        self._shared_tokens += num_shared
+        return CacheLookup(num_cached, reason, entry.block_table, num_shared)
+        self._cached_tokens += num_cached
+        self._shared_tokens += num_shared
+        return CacheLookup(num_cached, reason, entry.block_table, num_shared)
 
     def ensure_blocks(self, key: Hashable, num_tokens: int) -> bool:
         """Grow a pinned thread's block table to hold num_tokens, evicting LRU threads if needed.
@@ -146,16 +219,22 @@ class KVCacheManager:
         need = self.pool.blocks_for(num_tokens) - len(entry.block_table)
         if need <= 0:
             return True
-        if need > self.pool.num_free + self._num_evictable_blocks:
+        if not self._make_room(need):
             return False
-        while self.pool.num_free < need:
-            self._evict_lru()
-        entry.block_table.extend(self.pool.allocate(need, key))
+        entry.block_table.extend(self.pool.allocate(need))
         return True
 
     def can_ever_hold(self, num_tokens: int) -> bool:
         """Whether num_tokens fit in the whole pool (else no amount of eviction helps)."""
         return self.pool.blocks_for(num_tokens) <= self.num_blocks
+
+    def note_progress(self, key: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
+        """The first num_computed of token_ids have their KV in a pinned thread's blocks now:
+        name its newly full blocks, so that other turns can share them at once."""
+        entry = self._pinned_entry(key)
+        if entry.root is None or num_computed // self.block_size <= len(entry.block_hashes):
+            return
+        self._name_full_blocks(entry, token_ids[:num_computed])
 
     def finish_turn(self, key: Hashable, computed_ids: Sequence[int]) -> None:
         """Record the ids whose KV a pinned thread's blocks now hold; free blocks past them.
@@ -169,6 +248,8 @@ class KVCacheManager:
                 f"thread {key!r}: {len(computed_ids)} computed tokens but blocks for {capacity}"
             )
         entry.token_ids = list(computed_ids)
+        if entry.root is not None:
+            self._name_full_blocks(entry, entry.token_ids)
         self._truncate(entry, len(computed_ids) if self.residency else 0)
 
     def release(self, key: Hashable, keep_tokens: int | None = None) -> None:
@@ -184,22 +265,18 @@ class KVCacheManager:
         # Blocks reserved past the recorded tokens (a turn that never reached finish_turn).
         self._truncate(entry, len(entry.token_ids))
         entry.pinned = False
-        entry.last_used = self._clock()
-        if entry.block_table:
-            self._lru[key] = None
-            self._num_evictable_blocks += len(entry.block_table)
-        else:
-            del self._threads[key]
+        self._park(entry)
 
     def drop_blocks(self, key: Hashable) -> None:
-        """Preemption: free every block of a pinned thread; its resident KV is lost."""
+        """Preemption: let go of every block of a pinned thread; its resident KV is lost."""
         entry = self._pinned_entry(key)
         if entry.block_table:
             self._preemptions += 1
         self._truncate(entry, 0)
 
     def forget(self, key: Hashable) -> None:
-        """The thread was deleted: free its blocks and forget it was ever held."""
+        """The thread was deleted: let go of its blocks and forget it was ever held. Blocks
+        other threads hold stay."""
         entry = self._threads.get(key)
         if entry is not None:
             if entry.pinned:
@@ -212,6 +289,66 @@ class KVCacheManager:
     def note_computed(self, num_tokens: int) -> None:
         self._computed_tokens += num_tokens
 
+    # ---- between turns: fork and rewind ----------------------------------------------------
+
+    def fork(self, parent: Hashable, child: Hashable, token_ids: Sequence[int]) -> int:
+        """A new thread `child` whose log is token_ids holds the KV the parent has of it: the
+        parent's full blocks (shared, nothing copied) and a private copy of a partial last block
+        (skipped, and recomputed later, when no block is free). Returns the tokens it holds.
+        The parent may be in flight: only KV it held before its turn is shared."""
+        if child in self._threads:
+            raise ValueError(f"thread {child!r} already holds KV")
+        source = self._threads.get(parent)
+        self._ever_held.add(child)
+        if source is None or not self.residency:
+            return 0
+        num_tokens = common_prefix_len(source.token_ids, token_ids)
+        if source.pinned:  # its table grows past its token ids: share only what they cover
+            num_tokens = min(num_tokens, len(source.token_ids))
+        num_full = num_tokens // self.block_size
+        entry = ThreadCache(child, root=source.root)
+        entry.block_table = source.block_table[:num_full]
+        if source.root is not None:
+            # Shared blocks are named. A full block of the parent's that is not (a copy of a
+            # prefix another block already holds) is swapped for that block: same KV.
+            entry.block_hashes = source.block_hashes[:num_full]
+            for i, block_hash in enumerate(entry.block_hashes):
+                if self.pool.lookup(block_hash) is None:
+                    self.pool.register(entry.block_table[i], block_hash)
+                entry.block_table[i] = self.pool.lookup(block_hash)  # type: ignore[assignment]
+        for block_id in entry.block_table:
+            self.pool.acquire(block_id)
+        entry.token_ids = list(token_ids[: num_full * self.block_size])
+        if num_tokens > num_full * self.block_size:
+            src = source.block_table[num_full]
+            self.pool.acquire(src)  # kept from reuse while a copy is found room for
+            was_parked = not source.pinned
+            self._lru_remove(source)
+            dst = self._allocate_private()
+            if dst is not None:
+                self._copy(src, dst)
+                entry.block_table.append(dst)
+                entry.token_ids = list(token_ids[:num_tokens])
+            self.pool.free([src])
+            if was_parked and parent in self._threads:
+                self._lru[parent] = None
+        self._threads[child] = entry
+        self._park(entry)
+        return len(entry.token_ids)
+
+    def truncate(self, key: Hashable, token_ids: Sequence[int]) -> int:
+        """Rewind: the thread's log is now token_ids (a prefix of what it was); keep the KV of
+        what remains of it. Returns the tokens still held."""
+        entry = self._threads.get(key)
+        if entry is None:
+            return 0
+        if entry.pinned:
+            raise ThreadInFlight(f"thread {key!r} has a turn in flight")
+        self._lru_remove(entry)
+        self._truncate(entry, common_prefix_len(entry.token_ids, token_ids))
+        self._park(entry)
+        return len(entry.token_ids)
+
     # ---- inspection ----------------------------------------------------------------------
 
     def is_pinned(self, key: Hashable) -> bool:
@@ -222,23 +359,42 @@ class KVCacheManager:
         """Unpinned resident threads, least recently used (next to be evicted) first."""
         return list(self._lru)
 
+    def holders(self, block_id: int) -> list[Hashable]:
+        """The threads whose block tables hold block_id (tests and debugging: a full scan)."""
+        return [k for k, e in self._threads.items() if block_id in e.block_table]
+
     def thread_state(self, key: Hashable) -> ThreadCacheState:
         entry = self._threads.get(key)
         if entry is None:
             return ThreadCacheState(
                 resident=False, pinned=False, cached_tokens=0, num_blocks=0, last_used=None
             )
+        num_held = len(entry.token_ids)
+        shared = sum(
+            min(self.block_size, num_held - i * self.block_size)
+            for i, block_id in enumerate(entry.block_table)
+            if self.pool.ref_count(block_id) > 1 and i * self.block_size < num_held
+        )
         return ThreadCacheState(
             resident=bool(entry.block_table),
             pinned=entry.pinned,
-            cached_tokens=len(entry.token_ids),
+            cached_tokens=num_held,
             num_blocks=len(entry.block_table),
             last_used=entry.last_used,
+            shared_tokens=shared,
         )
 
     def stats(self) -> KVCacheStats:
         resident = sum(1 for e in self._threads.values() if e.block_table)
         pinned = sum(1 for e in self._threads.values() if e.pinned)
+        logical = 0
+        filled: dict[int, int] = {}  # block -> tokens of KV it holds (the most any holder uses)
+        for entry in self._threads.values():
+            logical += len(entry.token_ids)
+            for i, block_id in enumerate(entry.block_table):
+                n = min(self.block_size, len(entry.token_ids) - i * self.block_size)
+                if n > filled.get(block_id, 0):
+                    filled[block_id] = n
         return KVCacheStats(
             residency=self.residency,
             block_size=self.block_size,
@@ -253,33 +409,58 @@ class KVCacheManager:
             preemptions=self._preemptions,
             cached_tokens=self._cached_tokens,
             computed_tokens=self._computed_tokens,
+            shared_tokens=self._shared_tokens,
+            num_shared_blocks=sum(1 for b in filled if self.pool.ref_count(b) > 1),
+            num_cached_free_blocks=self.pool.num_cached_free,
+            logical_tokens=logical,
+            unique_tokens=sum(filled.values()),
+            block_copies=self._block_copies,
         )
 
     def check_integrity(self) -> None:
-        """Every used block belongs to exactly one thread, and the LRU holds exactly the
-        unpinned threads with blocks."""
+        """Each block's reference count is the number of block tables holding it; shared blocks
+        are named (read-only); a thread's partial last block is its own; the LRU holds exactly
+        the unpinned threads with blocks."""
         self.pool.check_integrity()
-        seen: set[int] = set()
-        evictable = 0
+        holders = [0] * self.num_blocks
         for key, entry in self._threads.items():
             assert entry.key == key
+            assert len(set(entry.block_table)) == len(entry.block_table), (
+                f"thread {key!r} holds a block twice"
+            )
             for block_id in entry.block_table:
-                assert block_id not in seen, f"block {block_id} in two block tables"
-                assert self.pool.owner(block_id) == key, f"block {block_id} owned by another"
-                seen.add(block_id)
+                holders[block_id] += 1
             assert len(entry.token_ids) <= len(entry.block_table) * self.block_size
+            if entry.root is None:
+                assert not entry.block_hashes, f"thread {key!r} names blocks without a scope"
+            assert len(entry.block_hashes) <= len(entry.block_table)
+            for block_id, block_hash in zip(entry.block_table, entry.block_hashes, strict=False):
+                assert self.pool.block_hash(block_id) in (None, block_hash), (
+                    f"block {block_id} of {key!r} is named for other tokens"
+                )
             if entry.pinned:
                 assert key not in self._lru, f"pinned thread {key!r} is evictable"
             else:
                 assert entry.block_table, f"unpinned thread {key!r} kept without blocks"
                 assert len(entry.block_table) == self.pool.blocks_for(len(entry.token_ids))
                 assert key in self._lru, f"unpinned thread {key!r} missing from the LRU"
-                evictable += len(entry.block_table)
-        assert len(seen) == self.pool.num_used, (
-            f"{self.pool.num_used} blocks used, {len(seen)} in block tables (leak)"
-        )
+                if entry.root is not None:
+                    assert len(entry.block_hashes) == len(entry.token_ids) // self.block_size
+                if len(entry.token_ids) % self.block_size:
+                    assert self.pool.is_private(entry.block_table[-1]), (
+                        f"thread {key!r}'s partial last block is shared"
+                    )
+        for block_id, count in enumerate(holders):
+            assert self.pool.ref_count(block_id) == count, (
+                f"block {block_id}: {self.pool.ref_count(block_id)} references, {count} holders"
+            )
+            if count > 1 and self.pool.block_hash(block_id) is None:
+                # Threads outside sharing (no scope) fork by sharing unnamed full blocks.
+                assert all(e.root is None for e in self._threads.values()
+                           if block_id in e.block_table), (
+                    f"block {block_id} is shared but unnamed (writable)"
+                )  # fmt: skip
         assert len(self._lru) == sum(1 for e in self._threads.values() if not e.pinned)
-        assert evictable == self._num_evictable_blocks
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -289,23 +470,90 @@ class KVCacheManager:
             raise KeyError(f"thread {key!r} has no turn in flight")
         return entry
 
+    def _name_full_blocks(self, entry: ThreadCache, token_ids: Sequence[int]) -> None:
+        assert entry.root is not None
+        start = len(entry.block_hashes)
+        extend_hashes(entry.block_hashes, entry.root, token_ids, self.block_size)
+        for i in range(start, len(entry.block_hashes)):
+            # False: another block already holds this prefix; this copy stays private.
+            self.pool.register(entry.block_table[i], entry.block_hashes[i])
+
     def _truncate(self, entry: ThreadCache, num_tokens: int) -> None:
-        """Keep the first num_tokens tokens; free the blocks past them (in place: the table is
-        shared with the turn's Sequence)."""
+        """Keep the first num_tokens tokens and let go of the blocks past them (in place: the
+        table is shared with the turn's Sequence). A kept partial last block that is shared
+        or named is replaced by a private copy (or dropped, when no block is free)."""
+        bs = self.block_size
         keep_blocks = self.pool.blocks_for(num_tokens)
         if len(entry.block_table) > keep_blocks:
             self.pool.free(entry.block_table[keep_blocks:])
             del entry.block_table[keep_blocks:]
         del entry.token_ids[num_tokens:]
+        del entry.block_hashes[num_tokens // bs :]
+        if num_tokens % bs and entry.block_table:
+            last = entry.block_table[-1]
+            if self.pool.is_private(last):
+                return
+            if self.pool.ref_count(last) == 1:
+                self.pool.unregister(last)  # ours alone: un-name it, then write on
+                return
+            was_parked = entry.key in self._lru
+            self._lru_remove(entry)
+            dst = self._allocate_private()
+            if dst is None:
+                self.pool.free([last])
+                del entry.block_table[-1]
+                del entry.token_ids[(num_tokens // bs) * bs :]
+            else:
+                self._copy(last, dst)
+                self.pool.free([last])
+                entry.block_table[-1] = dst
+            if was_parked and entry.block_table:
+                self._lru[entry.key] = None
+
+    def _copy(self, src: int, dst: int) -> None:
+        if self.copy_block is not None:
+            self.copy_block(src, dst)
+        self._block_copies += 1
+
+    def _allocate_private(self) -> int | None:
+        """One fresh block, evicting LRU threads if need be; None if none can be had."""
+        if not self._make_room(1):
+            return None
+        return self.pool.allocate(1)[0]
+
+    def _num_evictable(self) -> int:
+        """Blocks that evicting every thread in the LRU would free: those no other thread (a
+        pinned one, or one taken out of the LRU while it is worked on) holds."""
+        kept: set[int] = set()
+        for key, entry in self._threads.items():
+            if key not in self._lru:
+                kept.update(entry.block_table)
+        return self.pool.num_used - len(kept)
+
+    def _make_room(self, need: int) -> bool:
+        """Free blocks until `need` are free, evicting LRU threads; False (evicting nothing)
+        when even evicting every unpinned thread would not be enough."""
+        if need <= self.pool.num_free:
+            return True
+        if need > self.pool.num_free + self._num_evictable():
+            return False
+        while self.pool.num_free < need:
+            self._evict_lru()
+        return True
+
+    def _park(self, entry: ThreadCache) -> None:
+        """An unpinned thread: the most recently used if it holds blocks, else forgotten."""
+        entry.last_used = self._clock()
+        if entry.block_table:
+            self._lru[entry.key] = None
+        else:
+            del self._threads[entry.key]
 
     def _lru_remove(self, entry: ThreadCache) -> None:
-        if entry.key in self._lru:
-            del self._lru[entry.key]
-            self._num_evictable_blocks -= len(entry.block_table)
+        self._lru.pop(entry.key, None)
 
     def _evict_lru(self) -> None:
         key, _ = self._lru.popitem(last=False)
         entry = self._threads.pop(key)
-        self._num_evictable_blocks -= len(entry.block_table)
         self.pool.free(entry.block_table)
         self._evictions += 1

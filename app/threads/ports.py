@@ -24,6 +24,7 @@ class TurnEngine(Protocol):
         params: SamplingParams,
         *,
         first_turn: bool,
+        share_scope: str | None = None,
     ) -> AsyncIterator[StreamEvent]: ...
 
     def commit_turn(self, thread_key: str) -> None: ...
@@ -31,6 +32,14 @@ class TurnEngine(Protocol):
     def rollback_turn(self, thread_key: str) -> None: ...
 
     def forget_thread(self, thread_key: str) -> None: ...
+
+    # A new thread whose log is token_ids holds the parent's KV of it (shared blocks).
+    async def fork_thread(
+        self, parent_key: str, child_key: str, token_ids: Sequence[int]
+    ) -> int: ...
+
+    # The thread's log was cut back to token_ids: keep the KV of the rest (raises while busy).
+    async def rewind_thread(self, thread_key: str, token_ids: Sequence[int]) -> int: ...
 
     def thread_state(self, thread_key: str) -> Any: ...  # .resident, .cached_tokens
 
@@ -46,3 +55,9 @@ class ModelRuntime:
     chat_format: ChatFormat
     max_context_tokens: int  # prompt + generated tokens of one turn may not exceed this
     default_max_tokens: int = 256
+    share_across_accounts: bool = False  # KVTHREADS_SHARE_ACROSS_ACCOUNTS
+
+    def share_scope(self, account_id: str) -> str:
+        """Whose threads may share KV blocks with this account's: its own, unless the
+        operator allows sharing across accounts."""
+        return "*" if self.share_across_accounts else f"account:{account_id}"

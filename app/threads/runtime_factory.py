@@ -44,10 +44,21 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         loaded.max_context_length,
         settings.kv_cache_mb,
     )
-    return runtime_for(loaded, engine, default_max_tokens=settings.default_max_tokens)
+    return runtime_for(
+        loaded,
+        engine,
+        default_max_tokens=settings.default_max_tokens,
+        share_across_accounts=settings.share_across_accounts,
+    )
 
 
-def runtime_for(loaded: Any, engine: Any, *, default_max_tokens: int = 256) -> ModelRuntime:
+def runtime_for(
+    loaded: Any,
+    engine: Any,
+    *,
+    default_max_tokens: int = 256,
+    share_across_accounts: bool = False,
+) -> ModelRuntime:
     """A runtime for an engine built elsewhere on `loaded` (a LoadedModel), e.g. by a test."""
     return ModelRuntime(
         name=loaded.name,
@@ -55,6 +66,7 @@ def runtime_for(loaded: Any, engine: Any, *, default_max_tokens: int = 256) -> M
         chat_format=loaded.chat_format,
         max_context_tokens=loaded.max_context_length,
         default_max_tokens=default_max_tokens,
+        share_across_accounts=share_across_accounts,
     )
 
 

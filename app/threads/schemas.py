@@ -43,6 +43,15 @@ class AppendMessageRequest(Request, forbid_unknown_fields=True, kw_only=True):
     stream: bool = False
 
 
+class ForkThreadRequest(Request, forbid_unknown_fields=True, kw_only=True):
+    at: Annotated[int, Meta(ge=0)] | None = None  # last message position kept; None: all
+    metadata: Metadata | None = None  # None: the parent's
+
+
+class RewindThreadRequest(Request, forbid_unknown_fields=True, kw_only=True):
+    position: Annotated[int, Meta(ge=0)]  # the last message kept
+
+
 class Response(msgspec.Struct, kw_only=True):
     pass
 
@@ -52,6 +61,7 @@ class CacheState(Response, kw_only=True):
 
     resident: bool
     cached_tokens: int
+    shared_tokens: int = 0  # of cached_tokens, those in KV blocks other threads hold too
 
 
 class Thread(Response, kw_only=True):
@@ -110,6 +120,7 @@ class Usage(Response, kw_only=True):
 class TurnCache(Response, kw_only=True):
     hit: bool
     miss_reason: str | None
+    shared_tokens: int = 0  # of usage.cached_tokens, those from blocks shared with other threads
 
 
 class AssistantMessage(Message, kw_only=True):

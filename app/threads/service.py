@@ -10,13 +10,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import ids, models
-from app.threads import schemas, store
+from app.threads import fork, schemas, store
 from app.threads.cursor import decode_cursor, encode_cursor
 from app.threads.errors import ThreadNotFound
 from app.threads.ports import ModelRuntime
 from app.threads.text import reject_nul
 from app.threads.turn_lock import TurnLocks, session_on
-from app.threads.views import message_view, thread_view
+from app.threads.views import message_view, thread_detail, thread_view
 
 MAX_PAGE = 100
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -87,14 +87,26 @@ class ThreadService:
             row = await store.get_thread(session, account_id, thread_id)
         if row is None:
             raise ThreadNotFound(thread_id)
-        state = self._runtime.engine.thread_state(thread_id)
-        view = thread_view(row)
-        return schemas.ThreadDetail(
-            **{f: getattr(view, f) for f in view.__struct_fields__},
-            cache=schemas.CacheState(
-                resident=bool(state.resident), cached_tokens=int(state.cached_tokens)
-            ),
+        return thread_detail(row, self._runtime.engine.thread_state(thread_id))
+
+    async def fork(
+        self, account_id: str, thread_id: str, request: schemas.ForkThreadRequest
+    ) -> schemas.ThreadDetail:
+        """A new thread with the first messages of this one, sharing their KV (app/threads/fork.py)."""
+        row = await fork.fork_thread(self._sessions, self._runtime, account_id, thread_id, request)
+        return thread_detail(row, self._runtime.engine.thread_state(row.id))
+
+    async def rewind(
+        self, account_id: str, thread_id: str, request: schemas.RewindThreadRequest
+    ) -> schemas.ThreadDetail:
+        """Drop the messages after a position, keeping the KV of the rest (app/threads/fork.py)."""
+        async with self._sessions() as session:  # 404 before 409: another account's is missing
+            if await store.get_thread(session, account_id, thread_id) is None:
+                raise ThreadNotFound(thread_id)
+        row = await fork.rewind_thread(
+            self._locks, self._runtime, account_id, thread_id, request.position
         )
+        return thread_detail(row, self._runtime.engine.thread_state(thread_id))
 
     async def delete(self, account_id: str, thread_id: str) -> schemas.Deleted:
         async with self._sessions() as session:

@@ -141,6 +141,7 @@ class TurnService:
                 history_ids=history_ids,
                 new_ids=new_ids,
                 first_turn=thread.message_count <= 1,
+                share_scope=self._runtime.share_scope(account_id),
                 params=params,
                 idempotency_key=idempotency_key,
                 fingerprint=fingerprint,
@@ -214,6 +215,7 @@ class Turn:
         history_ids: list[int],
         new_ids: list[int],
         first_turn: bool,
+        share_scope: str,
         params: SamplingParams,
         idempotency_key: str | None,
         fingerprint: str,
@@ -228,6 +230,7 @@ class Turn:
         self.history_ids = history_ids
         self.new_ids = new_ids
         self.first_turn = first_turn
+        self.share_scope = share_scope  # whose threads' KV blocks this turn may reuse
         self.params = params
         self.idempotency_key = idempotency_key
         self.fingerprint = fingerprint
@@ -291,6 +294,7 @@ class Turn:
                     self.new_ids,
                     self.params,
                     first_turn=self.first_turn,
+                    share_scope=self.share_scope,
                 )
             except Exception as exc:
                 raise GenerationFailed(str(exc) or type(exc).__name__) from exc

@@ -85,6 +85,7 @@ class TurnRecorder:
             cached_tokens=counts.cached_tokens,
             fresh_tokens=counts.computed_tokens,
             output_tokens=counts.generated_tokens,
+            shared_tokens=counts.shared_tokens,
         )
         return usage_row(
             turn.account_id,

@@ -10,6 +10,7 @@ A turn's usage is read from its ledger row, so what the client is told is what i
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -65,5 +66,23 @@ def turn_result_view(
         thread_id=reply.thread_id,
         message=schemas.AssistantMessage(**message, finish_reason=finish_reason),
         usage=usage_view(usage),
-        cache=schemas.TurnCache(hit=usage.miss_reason is None, miss_reason=usage.miss_reason),
+        cache=schemas.TurnCache(
+            hit=usage.miss_reason is None,
+            miss_reason=usage.miss_reason,
+            shared_tokens=usage.shared_tokens,
+        ),
+    )
+
+
+def thread_detail(row: models.Thread, state: Any) -> schemas.ThreadDetail:
+    """The thread with its cache state (the engine's thread_state: .resident, .cached_tokens,
+    and .shared_tokens when the engine shares blocks)."""
+    view = thread_view(row)
+    return schemas.ThreadDetail(
+        **{f: getattr(view, f) for f in view.__struct_fields__},
+        cache=schemas.CacheState(
+            resident=bool(state.resident),
+            cached_tokens=int(state.cached_tokens),
+            shared_tokens=int(getattr(state, "shared_tokens", 0)),
+        ),
     )

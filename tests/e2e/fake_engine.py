@@ -62,6 +62,7 @@ class FakeEngine:
         params: SamplingParams,
         *,
         first_turn: bool,
+        share_scope: str | None = None,
     ) -> AsyncIterator[TokenEvent | FinishEvent]:
         if thread_key in self.pinned:
             raise RuntimeError(f"thread {thread_key} is busy")
@@ -125,6 +126,27 @@ class FakeEngine:
 
     def forget_thread(self, thread_key: str) -> None:
         self.cache.pop(thread_key, None)
+
+    async def fork_thread(self, parent_key: str, child_key: str, token_ids: list[int]) -> int:
+        held = self.cache.get(parent_key, [])
+        n = 0
+        while n < min(len(held), len(token_ids)) and held[n] == token_ids[n]:
+            n += 1
+        if n:
+            self.cache[child_key] = list(token_ids[:n])
+        return n
+
+    async def rewind_thread(self, thread_key: str, token_ids: list[int]) -> int:
+        if thread_key in self.pinned:
+            raise RuntimeError(f"thread {thread_key} is busy")
+        held = self.cache.get(thread_key)
+        if held is None:
+            return 0
+        n = 0
+        while n < min(len(held), len(token_ids)) and held[n] == token_ids[n]:
+            n += 1
+        self.cache[thread_key] = held[:n]
+        return n
 
     def shutdown(self) -> None:
         self.cache.clear()

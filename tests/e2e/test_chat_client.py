@@ -54,3 +54,23 @@ async def test_chat_streams_replies_and_shows_cached_and_fresh_counts(open_live,
 
     with pytest.raises(ChatError, match="401 unauthorized"):
         await asyncio.to_thread(_chat, base_url, "kvt_wrong", ["hi"], ChatOptions())
+
+
+async def test_chat_forks_and_rewinds_the_thread(open_live, new_key):
+    engine = FakeEngine()
+    client = await open_live(fake_runtime(engine))
+    client.headers["Authorization"] = f"Bearer {(key := await new_key())}"
+    lines = ["hello", "/fork", "on the fork", "/rewind 2", "/rewind x", "/rewind 99", "again"]
+    code, text = await asyncio.to_thread(_chat, str(client.base_url), key, lines, ChatOptions())
+    assert code == 0
+    (parent,) = [line.split()[2] for line in text.splitlines() if line.startswith("new thread")]
+    (forked,) = [line for line in text.splitlines() if line.startswith("forked")]
+    assert forked.startswith(f"forked {parent} into thr_") and "(3 messages;" in forked
+    child = forked.split()[3]
+    assert "rewound to position 2 (3 messages" in text
+    assert "usage: /rewind N" in text and "error: 400 invalid_request: position" in text
+    # The fork took the later turns; the parent kept its first one only.
+    counts = [
+        (await client.get(f"/v1/threads/{t}")).json()["message_count"] for t in (parent, child)
+    ]
+    assert counts == [3, 5]

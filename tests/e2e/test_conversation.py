@@ -21,8 +21,10 @@ async def api(open_api, new_key):
     return client
 
 
-async def _talk(client, thread_id: str, content: str, **extra) -> dict:
-    r = await client.post(f"/v1/threads/{thread_id}/messages", json={"content": content, **extra})
+async def _talk(client, thread_id: str, content: str, headers=None, **extra) -> dict:
+    r = await client.post(
+        f"/v1/threads/{thread_id}/messages", json={"content": content, **extra}, headers=headers
+    )
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -44,11 +46,11 @@ async def test_five_turns_compute_only_the_new_tokens(api):
         # The model conditioned on the whole log before the reply: history + the new message.
         assert usage["input_tokens"] == log_lengths[k] + message_tokens
         if k == 0:
-            assert turn["cache"] == {"hit": False, "miss_reason": "new_thread"}
+            assert turn["cache"] == {"hit": False, "miss_reason": "new_thread", "shared_tokens": 0}
             assert usage["cached_tokens"] == 0
             continue
         previous = turns[k - 1]["usage"]
-        assert turn["cache"] == {"hit": True, "miss_reason": None}
+        assert turn["cache"] == {"hit": True, "miss_reason": None, "shared_tokens": 0}
         assert usage["cached_tokens"] >= previous["input_tokens"] + previous["output_tokens"] - 1
         # Fresh = exactly the tokens new since the previous turn's KV: what the log gained
         # after the cached prefix (the last sampled token, the closing tokens, the message).
@@ -62,6 +64,7 @@ async def test_five_turns_compute_only_the_new_tokens(api):
     assert detail["cache"] == {
         "resident": True,
         "cached_tokens": last["input_tokens"] + last["output_tokens"] - 1,
+        "shared_tokens": 0,
     }
 
 
@@ -96,7 +99,11 @@ async def test_restart_recomputes_once_and_replies_as_if_it_never_restarted(
     after_restart = await _talk(restarted, restarted_id, PROMPTS[2], **GREEDY)
     never_restarted = await _talk(steady, steady_id, PROMPTS[2], **GREEDY)
 
-    assert after_restart["cache"] == {"hit": False, "miss_reason": "restarted"}
+    assert after_restart["cache"] == {
+        "hit": False,
+        "miss_reason": "restarted",
+        "shared_tokens": 0,
+    }
     assert after_restart["usage"]["cached_tokens"] == 0
     assert after_restart["usage"]["fresh_tokens"] == after_restart["usage"]["input_tokens"]
     assert never_restarted["cache"]["hit"] is True
@@ -115,14 +122,17 @@ async def test_restart_recomputes_once_and_replies_as_if_it_never_restarted(
     assert logs[1][: len(logs[0])] == logs[0]
 
 
-async def test_streaming_and_plain_give_the_same_text_and_usage(api):
+async def test_streaming_and_plain_give_the_same_text_and_usage(api, new_key):
     sampled = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 7, "max_tokens": 24}
     results = []
     for stream in (False, True):
-        thread_id = (await api.post("/v1/threads", json={"system": "s"})).json()["id"]
-        await _talk(api, thread_id, "Warm up.", **sampled)
+        # One account each: the second thread would share the first one's KV blocks otherwise.
+        auth = {"Authorization": f"Bearer {await new_key(f'stream-{stream}')}"}
+        r = await api.post("/v1/threads", json={"system": "s"}, headers=auth)
+        thread_id = r.json()["id"]
+        await _talk(api, thread_id, "Warm up.", headers=auth, **sampled)
         body = {"content": "Go on.", **sampled, "stream": stream}
-        r = await api.post(f"/v1/threads/{thread_id}/messages", json=body)
+        r = await api.post(f"/v1/threads/{thread_id}/messages", json=body, headers=auth)
         assert r.status_code == 200, r.text
         if not stream:
             results.append(r.json())
@@ -216,7 +226,7 @@ async def test_cancelled_stream_on_the_real_engine_rolls_back(open_live, new_key
         if detail["cache"]["cached_tokens"] == committed:
             break
         await asyncio.sleep(0.05)
-    assert detail["cache"] == {"resident": True, "cached_tokens": committed}
+    assert detail["cache"] == {"resident": True, "cached_tokens": committed, "shared_tokens": 0}
     assert detail["message_count"] == 3
     assert await snapshot(db_sessions) == before
     # The lock was released and the cache is consistent: the next turn is a hit.

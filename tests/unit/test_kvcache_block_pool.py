@@ -5,14 +5,14 @@ from app.kvcache import BlockPool, BlockPoolExhausted
 
 def test_allocates_from_the_head_and_frees_to_the_tail():
     pool = BlockPool(num_blocks=6, block_size=4)
-    assert pool.allocate(2, "a") == [0, 1]
-    assert pool.allocate(3, "b") == [2, 3, 4]
+    assert pool.allocate(2) == [0, 1]
+    assert pool.allocate(3) == [2, 3, 4]
     assert pool.free_block_ids() == [5]
     pool.free([1, 0])
     assert pool.free_block_ids() == [5, 1, 0]
-    assert pool.allocate(2, "c") == [5, 1]
+    assert pool.allocate(2) == [5, 1]
     assert (pool.num_free, pool.num_used) == (1, 5)
-    assert [pool.owner(b) for b in range(6)] == [None, "c", "b", "b", "b", "c"]
+    assert [pool.ref_count(b) for b in range(6)] == [0, 1, 1, 1, 1, 1]
     pool.check_integrity()
 
 
@@ -23,9 +23,9 @@ def test_blocks_for_rounds_up():
 
 def test_refuses_over_allocation_and_double_free():
     pool = BlockPool(num_blocks=3, block_size=2)
-    pool.allocate(2, "a")
+    pool.allocate(2)
     with pytest.raises(BlockPoolExhausted):
-        pool.allocate(2, "b")
+        pool.allocate(2)
     assert pool.free_block_ids() == [2]  # a failed allocation takes nothing
     pool.free([0])
     with pytest.raises(RuntimeError, match="freed twice"):
@@ -33,10 +33,10 @@ def test_refuses_over_allocation_and_double_free():
     pool.check_integrity()
 
 
-def test_check_integrity_catches_a_block_both_free_and_owned():
+def test_check_integrity_catches_a_block_both_free_and_held():
     pool = BlockPool(num_blocks=3, block_size=2)
-    pool.allocate(1, "a")
-    pool._free.append(0)  # corrupt on purpose
+    pool.allocate(1)
+    pool._free[0] = None  # corrupt on purpose
     with pytest.raises(AssertionError):
         pool.check_integrity()
 

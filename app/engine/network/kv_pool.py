@@ -53,3 +53,7 @@ class KVPool:
         self.layer_caches: list[tuple[torch.Tensor, torch.Tensor]] = [
             (self.tensor[i, 0], self.tensor[i, 1]) for i in range(config.num_layers)
         ]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy one block's keys and values, every layer (copy-on-write of a shared block)."""
+        self.tensor[:, :, dst].copy_(self.tensor[:, :, src])

@@ -21,6 +21,7 @@ must be closed or read to its end: the bridge holds it until then.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -162,6 +163,7 @@ class AsyncLLMEngine:
         params: SamplingParams,
         *,
         first_turn: bool,
+        share_scope: Hashable | None = None,
     ) -> TurnStream:
         """Start a turn; its events arrive through the returned stream (call from the loop).
 
@@ -178,7 +180,11 @@ class AsyncLLMEngine:
                 raise ThreadInFlight(f"thread {thread_key!r} already has a turn in flight")
             stream = TurnStream(self, thread_key)
             self._turns[thread_key] = stream
-        self._submit(partial(self._start_turn, stream, history, new, params, first_turn, arrival))
+        self._submit(
+            partial(
+                self._start_turn, stream, history, new, params, first_turn, arrival, share_scope
+            )
+        )
         return stream
 
     def commit_turn(self, thread_key: Hashable) -> None:
@@ -217,6 +223,22 @@ class AsyncLLMEngine:
                 raise ThreadInFlight(f"thread {thread_key!r} has a turn in flight")
         self._submit(partial(self.engine.forget_thread, thread_key))
 
+    async def fork_thread(
+        self, parent_key: Hashable, child_key: Hashable, token_ids: Sequence[int]
+    ) -> int:
+        """Give a new thread the parent's KV of token_ids (shared blocks; see
+        LLMEngine.fork_thread). Returns the tokens the child holds."""
+        return await self._call(
+            partial(self.engine.fork_thread, parent_key, child_key, list(token_ids))
+        )
+
+    async def rewind_thread(self, thread_key: Hashable, token_ids: Sequence[int]) -> int:
+        """Cut the thread's KV back to token_ids; ThreadInFlight while it has a turn."""
+        with self._lock:
+            if thread_key in self._turns:
+                raise ThreadInFlight(f"thread {thread_key!r} has a turn in flight")
+        return await self._call(partial(self.engine.rewind_thread, thread_key, list(token_ids)))
+
     def stats(self) -> KVCacheStats:
         return self.engine.stats()
 
@@ -224,6 +246,22 @@ class AsyncLLMEngine:
         return self.engine.thread_state(thread_key)
 
     # ---- the engine thread -----------------------------------------------------------------
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the engine thread, between steps, and await its result."""
+        with self._lock:
+            if self._closed or self._thread is None:
+                raise EngineClosed("the engine is not running")
+        done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                done.set_result(fn())
+            except Exception as exc:
+                done.set_exception(exc)
+
+        self._submit(command)
+        return await asyncio.wrap_future(done)
 
     def _submit(self, command: Callable[[], None]) -> None:
         with self._cond:
@@ -267,10 +305,17 @@ class AsyncLLMEngine:
         params: SamplingParams,
         first_turn: bool,
         arrival: float,
+        share_scope: Hashable | None = None,
     ) -> None:
         try:
             seq_id = self.engine.add_request(
-                stream.thread_key, history, new, params, first_turn=first_turn, arrival=arrival
+                stream.thread_key,
+                history,
+                new,
+                params,
+                first_turn=first_turn,
+                arrival=arrival,
+                share_scope=share_scope,
             )
         except Exception as exc:
             self._release(stream)

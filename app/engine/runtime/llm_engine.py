@@ -30,7 +30,7 @@ from app.engine.runtime.sampler import sample, validate_params
 from app.engine.runtime.scheduler import ScheduledBatch, Scheduler
 from app.engine.runtime.sequence import Sequence, SequenceStatus
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent, TokenEvent
-from app.kvcache import KVCacheManager, KVCacheStats, ThreadCacheState
+from app.kvcache import KVCacheManager, KVCacheStats, ThreadCacheState, ThreadInFlight
 
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
 
@@ -69,12 +69,14 @@ class LLMEngine:
         max_model_len: int | None = None,
         check_invariants: bool = False,
         on_logits: LogitsHook | None = None,
+        model_name: str = "",
     ) -> None:
         """
         Give the pool's size as num_blocks or as kv_cache_mb. `decode(ids) -> str` produces the
         text (without it, events carry no text and stop strings are refused). `check_invariants`
         checks the block accounting after every step (tests). `on_logits(seqs, logits)` sees the
-        logits each step samples from (tests).
+        logits each step samples from (tests). `model_name` goes into the identity that shared
+        KV blocks are named with, with the model's shapes, the dtype and the block size.
         """
         if (num_blocks is None) == (kv_cache_mb is None):
             raise ValueError("give exactly one of num_blocks and kv_cache_mb")
@@ -93,8 +95,14 @@ class LLMEngine:
         self.check_invariants = check_invariants
         self.on_logits = on_logits
         self.lock = threading.RLock()
-        self.kv = KVCacheManager(num_blocks, block_size, residency=residency)
         self.pool = KVPool(config, num_blocks, block_size, self.dtype, self.device)
+        self.kv = KVCacheManager(
+            num_blocks,
+            block_size,
+            residency=residency,
+            identity=kv_identity(config, self.dtype, block_size, model_name),
+            copy_block=self.pool.copy_block,
+        )
         self.runner = ModelRunner(model, self.pool.layer_caches, block_size)
         self.scheduler = Scheduler(
             self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
@@ -112,6 +120,7 @@ class LLMEngine:
         kwargs.setdefault("decode", tokenizer.decode if tokenizer is not None else None)
         kwargs.setdefault("stop_token_ids", getattr(loaded, "stop_token_ids", ()))
         kwargs.setdefault("max_model_len", getattr(loaded, "max_context_length", None))
+        kwargs.setdefault("model_name", getattr(loaded, "name", ""))
         return cls(loaded.model, **kwargs)
 
     # ---- requests --------------------------------------------------------------------------
@@ -150,13 +159,20 @@ class LLMEngine:
         *,
         first_turn: bool,
         arrival: float | None = None,
+        share_scope: Hashable | None = None,
     ) -> int:
         """Queue one turn of a thread; returns its sequence id. Raises ThreadInFlight while the
-        thread's previous turn is in flight or awaiting commit/rollback."""
+        thread's previous turn is in flight or awaiting commit/rollback.
+
+        With a `share_scope` (the account, or one scope for all when sharing across accounts is
+        allowed), the turn reuses full KV blocks that any thread of the scope computed for the
+        same prefix, and offers its own; None keeps the thread's KV to itself."""
         self.validate_request(history_ids, new_ids, params)
         prompt = [*history_ids, *new_ids]
         with self.lock:
-            lookup = self.kv.begin_turn(thread_key, prompt, first_turn=first_turn)
+            lookup = self.kv.begin_turn(
+                thread_key, prompt, first_turn=first_turn, scope=share_scope
+            )
             seq = Sequence(
                 next(self._seq_ids),
                 thread_key,
@@ -169,6 +185,7 @@ class LLMEngine:
                 decode=self.decode,
                 device=self.device,
                 arrival=arrival,
+                num_shared_tokens=lookup.num_shared_tokens,
             )
             self._active[seq.seq_id] = seq
             self.scheduler.add(seq)
@@ -219,9 +236,24 @@ class LLMEngine:
             return True
 
     def forget_thread(self, thread_key: Hashable) -> None:
-        """The thread was deleted: free its resident KV."""
+        """The thread was deleted: free its resident KV (blocks other threads hold stay)."""
         with self.lock:
             self.kv.forget(thread_key)
+
+    def fork_thread(self, parent_key: Hashable, child_key: Hashable, token_ids: Seq[int]) -> int:
+        """A new thread whose log is token_ids (a prefix of the parent's) holds the parent's
+        KV of it: its full blocks shared, its partial last block copied. Nothing is computed.
+        Returns the tokens the child holds."""
+        with self.lock:
+            return self.kv.fork(parent_key, child_key, token_ids)
+
+    def rewind_thread(self, thread_key: Hashable, token_ids: Seq[int]) -> int:
+        """The thread's log was cut back to token_ids: keep the KV of what remains (a shared
+        partial block is copied first). Raises ThreadInFlight during a turn. Returns tokens held."""
+        with self.lock:
+            if thread_key in self._awaiting_commit:
+                raise ThreadInFlight(f"thread {thread_key!r} has a turn awaiting commit")
+            return self.kv.truncate(thread_key, token_ids)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -279,6 +311,8 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
             seq.num_cached_tokens += num_new
+            # Full blocks are named as soon as computed: concurrent turns share them at once.
+            self.kv.note_progress(seq.thread_key, seq.token_ids, seq.num_cached_tokens)
         self.kv.note_computed(batch.num_tokens)
         now = time.perf_counter()
         outputs = []
@@ -342,6 +376,18 @@ class LLMEngine:
     def _maybe_check(self) -> None:
         if self.check_invariants:
             self.kv.check_integrity()
+            bs = self.kv.block_size
             for seq in self._active.values():
                 assert self.kv.is_pinned(seq.thread_key)
-                assert seq.num_cached_tokens <= len(seq.block_table) * self.kv.block_size
+                assert seq.num_cached_tokens <= len(seq.block_table) * bs
+                # Every block the sequence will still write into is its own and unnamed.
+                for block_id in seq.block_table[seq.num_cached_tokens // bs :]:
+                    assert self.kv.pool.is_private(block_id), (
+                        f"{seq.thread_key!r} would write into shared block {block_id}"
+                    )
+
+
+def kv_identity(config: Any, dtype: torch.dtype, block_size: int, model_name: str) -> bytes:
+    """What KV blocks computed by this engine are interchangeable with: the same model (name
+    and shapes), dtype and block layout. Shared blocks are named with it."""
+    return f"{model_name}|{config!r}|{dtype}|{block_size}".encode()

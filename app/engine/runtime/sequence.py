@@ -42,6 +42,7 @@ class Sequence:
         decode: Decode | None,
         device: torch.device,
         arrival: float | None = None,
+        num_shared_tokens: int = 0,
     ) -> None:
         self.seq_id = seq_id
         self.thread_key = thread_key
@@ -52,6 +53,7 @@ class Sequence:
         self.block_table = block_table  # owned by the KV cache manager; grows while running
         self.num_cached_tokens = num_cached_tokens
         self.num_prompt_cached = num_cached_tokens  # served from resident KV (for the counts)
+        self.num_prompt_shared = num_shared_tokens  # of those, in blocks other threads hold
         self.miss_reason = miss_reason
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
@@ -96,6 +98,7 @@ class Sequence:
         self.num_cached_tokens = 0
         if self.num_prompt_cached > 0:
             self.num_prompt_cached = 0
+            self.num_prompt_shared = 0
             self.miss_reason = MissReason.EVICTED
         self.status = SequenceStatus.WAITING
 
@@ -106,6 +109,7 @@ class Sequence:
             computed_tokens=self.num_prompt_tokens - self.num_prompt_cached,
             generated_tokens=self.num_generated,
             miss_reason=self.miss_reason,
+            shared_tokens=self.num_prompt_shared,
         )
 
     def timings(self) -> dict[str, float]:

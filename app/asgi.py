@@ -30,6 +30,7 @@ from litestar.template import TemplateConfig
 from app.api.billing_page import BillingPageController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
+from app.api.limits import LIMIT_HANDLERS, api_rate_limit, sign_in_rate_limit
 from app.api.metrics import metrics
 from app.api.router import create_v1_router
 from app.api.security_headers import set_security_headers
@@ -60,12 +61,13 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
         route_handlers=[
             healthz,
             metrics,
-            create_v1_router(settings.max_message_bytes),
+            create_v1_router(settings.max_message_bytes, api_rate_limit(settings)),
             BillingPageController,
         ],
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, **LIMIT_HANDLERS},
+        middleware=sign_in_rate_limit(settings),
         before_send=[set_security_headers],
         state=State({"settings": settings, "engine": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),

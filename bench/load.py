@@ -3,7 +3,7 @@ long turns at once, then a check that every thread's books balance.
 
     python -m bench.load                       # starts a throwaway Postgres and one service
     python -m bench.load --url http://127.0.0.1:8000 --database-url postgresql+asyncpg://...
-    python -m bench.load --accounts 6 --threads 3 --turns 4 --concurrency 12 --max-seconds 120
+    python -m bench.load --accounts 6 --threads 3 --turns 6 --concurrency 12 --max-seconds 120
 
 Loopback only, bounded in requests (--max-requests) and time (--max-seconds). The launcher is the
 multi-turn benchmark's (bench/multiturn/service.py); the accounts and keys are made directly in
@@ -43,7 +43,7 @@ from app.db.session import create_session_factory
 from bench.multiturn.service import ServiceInstance, database, prepare_database, running
 
 LIMITS = {  # what the started service runs with: tight enough that the run meets them
-    "KVTHREADS_RATE_LIMIT_PER_MINUTE": "120",
+    "KVTHREADS_RATE_LIMIT_PER_MINUTE": "20",
     "KVTHREADS_MAX_TURNS_IN_FLIGHT": "2",
     "KVTHREADS_MONTHLY_TOKEN_BUDGET": "10000000",
     "KVTHREADS_KV_CACHE_MB": "64",
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--database-url", help="its database (needed with --url)")
     parser.add_argument("--accounts", type=int, default=6)
     parser.add_argument("--threads", type=int, default=3, help="threads per account")
-    parser.add_argument("--turns", type=int, default=4, help="turns per thread")
+    parser.add_argument("--turns", type=int, default=6, help="turns per thread")
     parser.add_argument("--concurrency", type=int, default=12, help="conversations at once")
     parser.add_argument("--max-requests", type=int, default=600)
     parser.add_argument("--max-seconds", type=float, default=120.0)

@@ -12,6 +12,7 @@ import pytest
 
 from app import devrun
 from app.config import load_settings
+from app.db import migrate
 from app.devdb import LocalCluster, embedded_bindir, free_port, run_cluster, throwaway_cluster
 from tests.integration._processes import clean_env, interrupt, run_cli, start, wait_healthy
 from tests.pgtools import asyncpg_dsn
@@ -75,7 +76,8 @@ def test_database_url_set_starts_no_cluster(empty_db_url: str, tmp_path: Path) -
     env = clean_env(DATABASE_URL=empty_db_url, KVTHREADS_DATA_DIR=str(tmp_path / "data"))
     migrated = run_cli("app.devrun", "migrate", env=env)
     assert migrated.returncode == 0, migrated.stderr
-    assert asyncio.run(_sql(empty_db_url, "SELECT version_num FROM alembic_version")) == "0001"
+    version = asyncio.run(_sql(empty_db_url, "SELECT version_num FROM alembic_version"))
+    assert version == migrate.head_revision()
     started = run_cli("app.devdb", "start", env=env)
     assert started.returncode == 0 and "starting none" in started.stderr
     assert not (tmp_path / "data" / "pg").exists()

@@ -30,8 +30,10 @@ from litestar.template import TemplateConfig
 from app.api.billing_page import BillingPageController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
+from app.api.limits import LIMIT_HANDLERS, api_rate_limit, sign_in_rate_limit
 from app.api.metrics import metrics
 from app.api.router import create_v1_router
+from app.api.security_headers import set_security_headers
 from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
 from app.db.session import create_engine, create_session_factory
@@ -59,12 +61,14 @@ def create_app(settings: Settings | None = None, runtime: Any | None = None) -> 
         route_handlers=[
             healthz,
             metrics,
-            create_v1_router(settings.max_message_bytes),
+            create_v1_router(settings.max_message_bytes, api_rate_limit(settings)),
             BillingPageController,
         ],
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, runtime)],
-        exception_handlers=EXCEPTION_HANDLERS,
+        exception_handlers={**EXCEPTION_HANDLERS, **LIMIT_HANDLERS},
+        middleware=sign_in_rate_limit(settings),
+        before_send=[set_security_headers],
         state=State({"settings": settings, "runtime": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),

@@ -13,6 +13,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ class Settings:
     # Signs cookies. Unset: random per process (`make run` keeps one in DATA_DIR/secret).
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     log_level: str = "info"  # debug | info | warning | error
+    secure_cookies: bool = True  # the billing page's cookies carry Secure (off: plain-http hosts)
+    # Limits (0 or None: off). Rates are per minute; the budgets per account and calendar month.
+    rate_limit_per_minute: int = 600  # /v1 requests per API key
+    sign_in_limit_per_minute: int = 10  # billing sign-in attempts per client address
+    max_turns_in_flight: int = 16  # turns running at once per account
+    monthly_token_budget: int = 0  # input + output tokens per account per month (UTC)
+    monthly_spend_budget: Decimal | None = None  # cost per account per month, in the prices' unit
     data_dir: Path = PROJECT_ROOT / ".data"  # local state of `make run`: Postgres, secret, key
     pg_bindir: str | None = None  # Postgres binaries for the local cluster; "embedded": the wheel's
     dev_db_port: int = 54329  # TCP port of the local cluster that `make run` starts
@@ -145,6 +153,18 @@ def _existing_file(name: str, raw: str) -> Path | None:
     return path.resolve()
 
 
+def _money(name: str, raw: str) -> Decimal | None:
+    if not raw.strip():
+        return None
+    try:
+        value = Decimal(raw.strip())
+    except InvalidOperation:
+        raise ConfigError(f"{name} must be a decimal amount, got {raw!r}") from None
+    if not value.is_finite() or value < 0:
+        raise ConfigError(f"{name} must be a finite amount >= 0, got {raw!r}")
+    return value
+
+
 def _secret(name: str, raw: str) -> str:
     if len(raw) < 16:
         raise ConfigError(f"{name} must be at least 16 characters long")
@@ -192,6 +212,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_PRICES": ("prices", _existing_file),
     "KVTHREADS_SECRET": ("secret", _secret),
     "KVTHREADS_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "KVTHREADS_SECURE_COOKIES": ("secure_cookies", _on_off),
+    "KVTHREADS_RATE_LIMIT_PER_MINUTE": ("rate_limit_per_minute", _int(0)),
+    "KVTHREADS_SIGN_IN_LIMIT_PER_MINUTE": ("sign_in_limit_per_minute", _int(0)),
+    "KVTHREADS_MAX_TURNS_IN_FLIGHT": ("max_turns_in_flight", _int(0)),
+    "KVTHREADS_MONTHLY_TOKEN_BUDGET": ("monthly_token_budget", _int(0)),
+    "KVTHREADS_MONTHLY_SPEND_BUDGET": ("monthly_spend_budget", _money),
     "KVTHREADS_DATA_DIR": ("data_dir", _folder),
     "KVTHREADS_PG_BINDIR": ("pg_bindir", _pg_bindir),
     "KVTHREADS_DEV_DB_PORT": ("dev_db_port", _int(1, 65535)),

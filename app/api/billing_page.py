@@ -1,20 +1,29 @@
 """The billing page: the report of app/api/billing.py as HTML, signed in with a cookie.
 
     GET /billing                  chart, totals, table, CSV link (?start&end&group_by as the API)
-    POST /billing/sign-in         form field api_key -> signed, HttpOnly cookie, back to /billing
-    GET /billing/sign-out         forget the cookie
+    POST /billing/sign-in         form fields api_key, csrf_token -> session cookie, back to /billing
+    GET /billing/sign-out         end the session server-side, forget the cookie
     GET /billing/report.csv       the page's CSV download (cookie)
 
-The page's cookie holds the key itself, signed with the server's secret and expiring after
-SESSION_SECONDS; every request checks the key like the API's bearer auth, so a revoked key stops
-working at once.
+Sign-in is a server-side session (app/db/billing_sessions.py): the cookie holds a random token,
+never the key; the database keeps its hash, and the session ends after SESSION_SECONDS, on
+sign-out, or when its key is revoked. Cookies are HttpOnly, SameSite=Strict, Path=/billing, and
+Secure unless KVTHREADS_SECURE_COOKIES is off.
+
+Login CSRF: the sign-in form carries a token, signed with the server's secret, of a random nonce
+that also sits in its own cookie (double submit); a POST whose token does not match its cookie, or
+whose Origin names another host, is refused with 403. Sign-in attempts are rate limited per client
+address (app/api/limits.py).
 """
 
 from __future__ import annotations
 
+import hmac
+import secrets
 import time
 from datetime import date
 from typing import Any
+from urllib.parse import urlsplit
 
 import msgspec
 from litestar import Controller, MediaType, Request, Response, get, post
@@ -33,11 +42,14 @@ from app.billing.service import BillingService
 from app.billing.signed_value import sign, unsign
 
 COOKIE = "kvthreads_billing"
+CSRF_COOKIE = "kvthreads_billing_csrf"
 SESSION_SECONDS = 8 * 3600
+CSRF_SECONDS = 3600  # how long a sign-in form stays usable
 
 
 class SignInForm(msgspec.Struct):
     api_key: str
+    csrf_token: str = ""
 
 
 def _chart(by_day: Report) -> Markup:
@@ -56,8 +68,7 @@ class BillingPageController(Controller):
 
     async def _signed_in_account(self, request: Request, billing: BillingService) -> str | None:
         token = request.cookies.get(COOKIE)
-        secret = unsign(token, request.app.state.settings.secret, time.time()) if token else None
-        return None if secret is None else await billing.account_for_key(secret)
+        return await billing.session_account(token) if token else None
 
     @get("/", operation_id="billing_page")
     async def page(
@@ -69,8 +80,8 @@ class BillingPageController(Controller):
         account_id = await self._signed_in_account(request, billing)
         if account_id is None:
             if COOKIE in request.cookies:
-                return _sign_in_page("Your sign-in expired or its key was revoked.", 401)
-            return _sign_in_page(None, 200)
+                return _sign_in_page(request, "Your sign-in expired or its key was revoked.", 401)
+            return _sign_in_page(request, None, 200)
         try:
             days = report_query.days()
             grouping = report_query.grouping()
@@ -106,24 +117,26 @@ class BillingPageController(Controller):
         billing: NamedDependency[BillingService],
         data: URLEncodedBody[SignInForm],
     ) -> Response[Any]:
+        if not _same_origin(request) or not _csrf_ok(request, data.csrf_token):
+            message = "This sign-in form expired or came from another site; please try again."
+            return _sign_in_page(request, message, 403)
         secret = data.api_key.strip()
-        if not secret or await billing.account_for_key(secret) is None:
-            return _sign_in_page("That key is not valid (unknown or revoked).", status_code=401)
-        expires_at = int(time.time()) + SESSION_SECONDS
-        cookie = Cookie(
-            key=COOKIE,
-            value=sign(secret, request.app.state.settings.secret, expires_at),
-            path="/billing",
-            max_age=SESSION_SECONDS,
-            httponly=True,
-            samesite="lax",
-            secure=request.url.scheme == "https",
+        token = await billing.start_session(secret, SESSION_SECONDS) if secret else None
+        if token is None:
+            return _sign_in_page(request, "That key is not valid (unknown or revoked).", 401)
+        cookie = _cookie(request, COOKIE, token, SESSION_SECONDS)
+        # The nonce has done its job: a new form gets a new one.
+        return Redirect(
+            "/billing", status_code=303, cookies=[cookie, _forget(request, CSRF_COOKIE)]
         )
-        return Redirect("/billing", status_code=303, cookies=[cookie])
 
     @get("/sign-out", operation_id="billing_sign_out", status_code=303)
-    async def sign_out(self) -> Redirect:
-        return Redirect("/billing", status_code=303, cookies=[_forget_cookie()])
+    async def sign_out(
+        self, request: Request, billing: NamedDependency[BillingService]
+    ) -> Redirect:
+        if token := request.cookies.get(COOKIE):
+            await billing.end_session(token)
+        return Redirect("/billing", status_code=303, cookies=[_forget(request, COOKIE)])
 
     @get("/report.csv", operation_id="billing_page_csv", media_type=MediaType.TEXT)
     async def csv(
@@ -138,12 +151,51 @@ class BillingPageController(Controller):
         return csv_response(await report_for(billing, account_id, report_query))
 
 
-def _forget_cookie() -> Cookie:
-    return Cookie(key=COOKIE, value="", path="/billing", max_age=0, httponly=True)
+def _cookie(request: Request, key: str, value: str, max_age: int) -> Cookie:
+    return Cookie(
+        key=key,
+        value=value,
+        path="/billing",
+        max_age=max_age,
+        httponly=True,
+        samesite="strict",
+        secure=request.app.state.settings.secure_cookies,
+    )
 
 
-def _sign_in_page(error: str | None, status_code: int) -> Template:
-    cookies = [_forget_cookie()] if error else None
+def _forget(request: Request, key: str) -> Cookie:
+    return _cookie(request, key, "", 0)
+
+
+def _same_origin(request: Request) -> bool:
+    """No Origin header (old browsers, non-browser clients: the token decides), or one naming
+    this host. Only the host is compared: behind a TLS proxy the scheme seen here is http."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin != "null" and urlsplit(origin).netloc.lower() == host.lower()
+
+
+def _csrf_ok(request: Request, form_token: str) -> bool:
+    nonce = request.cookies.get(CSRF_COOKIE)
+    if not nonce or not form_token:
+        return False
+    signed = unsign(form_token, request.app.state.settings.secret, time.time())
+    return signed is not None and hmac.compare_digest(signed, nonce)
+
+
+def _sign_in_page(request: Request, error: str | None, status_code: int) -> Template:
+    """The form with a fresh CSRF nonce (cookie) and its signed token (hidden field)."""
+    nonce = secrets.token_urlsafe(32)
+    expires_at = int(time.time()) + CSRF_SECONDS
+    csrf_token = sign(nonce, request.app.state.settings.secret, expires_at)
+    cookies = [_cookie(request, CSRF_COOKIE, nonce, CSRF_SECONDS)]
+    if error and COOKIE in request.cookies:
+        cookies.append(_forget(request, COOKIE))
     return Template(
-        "billing/sign_in.html", context={"error": error}, status_code=status_code, cookies=cookies
+        "billing/sign_in.html",
+        context={"error": error, "csrf_token": csrf_token},
+        status_code=status_code,
+        cookies=cookies,
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from litestar import Request, Response, Router
 from litestar.di import Provide
+from litestar.types import Middleware
 
 from app.api.auth import provide_account_id
 from app.api.billing import billing_report
@@ -24,11 +26,16 @@ STATUS = {
     errors.IdempotencyKeyReused: 422,
     errors.IdempotencyConflict: 409,
     errors.GenerationFailed: 500,
+    errors.TooManyTurnsInFlight: 429,
+    errors.BudgetExceeded: 429,
 }
 
 
 def threads_error_handler(request: Request[Any, Any, Any], exc: errors.ThreadsError) -> Response:
-    return error_response(STATUS.get(type(exc), 400), exc.type, exc.message)
+    headers = None
+    if isinstance(exc, errors.LimitExceeded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
+    return error_response(STATUS.get(type(exc), 400), exc.type, exc.message, headers)
 
 
 # Headroom for a message at the size limit: JSON may spell a character as 6 bytes ("\u00e9"),
@@ -37,7 +44,7 @@ JSON_ESCAPE_FACTOR = 6
 BODY_OVERHEAD_BYTES = 64 * 1024
 
 
-def create_v1_router(max_message_bytes: int) -> Router:
+def create_v1_router(max_message_bytes: int, middleware: Sequence[Middleware] = ()) -> Router:
     return Router(
         path="/v1",
         request_max_body_size=max_message_bytes * JSON_ESCAPE_FACTOR + BODY_OVERHEAD_BYTES,
@@ -48,4 +55,5 @@ def create_v1_router(max_message_bytes: int) -> Router:
             "turn_service": Provide(provide_turn_service, sync_to_thread=False),
         },
         exception_handlers={errors.ThreadsError: threads_error_handler},
+        middleware=list(middleware),  # the per-key rate limit (app/api/limits.py)
     )

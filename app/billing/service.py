@@ -1,5 +1,5 @@
-"""What the HTTP layer asks of billing: an account's report, the ledger's totals, and who a key
-belongs to (for the billing page's cookie, checked exactly like the API's bearer key)."""
+"""What the HTTP layer asks of billing: an account's report, the ledger's totals, and the billing
+page's server-side sign-ins (app/db/billing_sessions.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.billing.report import DayRange, GroupBy, Report, build_report
 from app.billing.totals import ModelTotals, ledger_totals
-from app.db.accounts import authenticate
+from app.db import billing_sessions
 
 
 class BillingService:
@@ -23,8 +23,15 @@ class BillingService:
         async with self.sessions() as session:
             return await ledger_totals(session)
 
-    async def account_for_key(self, secret: str) -> str | None:
-        """The account id of an active (unrevoked) key, or None."""
-        async with self.sessions.begin() as session:  # authenticate() records the key's use
-            account = await authenticate(session, secret)
-        return None if account is None else account.id
+    async def start_session(self, secret: str, ttl_seconds: int) -> str | None:
+        """A sign-in token for an active key, or None."""
+        async with self.sessions.begin() as session:
+            return await billing_sessions.start_session(session, secret, ttl_seconds)
+
+    async def session_account(self, token: str) -> str | None:
+        async with self.sessions() as session:
+            return await billing_sessions.session_account(session, token)
+
+    async def end_session(self, token: str) -> None:
+        async with self.sessions.begin() as session:
+            await billing_sessions.end_session(session, token)

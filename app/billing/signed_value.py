@@ -1,12 +1,11 @@
 """A value with an expiry, signed with HMAC-SHA256 under the server's secret: the billing page's
-sign-in cookie.
+sign-in form's CSRF token (the signed value is the nonce in the form's cookie).
 
     token = sign(value, secret, expires_at)     "<base64url(expiry:value)>.<base64url(mac)>"
     unsign(token, secret, now) -> value | None  None: malformed, forged, or expired
 
-The signature proves the server issued the token; it does not hide the value (the cookie is
-HttpOnly, so page scripts cannot read it either). Who the value names is still checked on every
-request, so a revoked key stops working at once even while its cookie is valid.
+The signature proves the server issued the token; it does not hide the value, so never sign a
+secret with it.
 """
 
 from __future__ import annotations

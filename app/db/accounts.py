@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db.models import Account, ApiKey
+from app.db.models import Account, ApiKey, BillingSession
 
 KEY_PREFIX = "kvt_"
 DISPLAY_PREFIX_LENGTH = 12  # "kvt_" + 8 chars
@@ -64,8 +64,8 @@ async def create_key(session: AsyncSession, account: Account, name: str = "defau
     return NewKey(account=account, key=key, secret=secret)
 
 
-async def authenticate(session: AsyncSession, secret: str) -> Account | None:
-    """The account of an active key, or None; marks the key as used."""
+async def active_key(session: AsyncSession, secret: str) -> tuple[ApiKey, Account] | None:
+    """The active (unrevoked) key `secret` and its account, or None; marks the key as used."""
     if not secret.startswith(KEY_PREFIX):
         return None
     row = (
@@ -79,7 +79,13 @@ async def authenticate(session: AsyncSession, secret: str) -> Account | None:
         return None
     key, account = row
     await session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=func.now()))
-    return account
+    return key, account
+
+
+async def authenticate(session: AsyncSession, secret: str) -> Account | None:
+    """The account of an active key, or None; marks the key as used."""
+    found = await active_key(session, secret)
+    return None if found is None else found[1]
 
 
 async def list_keys(session: AsyncSession) -> list[tuple[ApiKey, Account]]:
@@ -118,4 +124,11 @@ async def revoke_key(session: AsyncSession, id_or_prefix: str) -> ApiKey:
             update(ApiKey).where(ApiKey.id == key.id).values(revoked_at=func.now())
         )
         await session.refresh(key)
+    # The billing page's sign-ins made with this key end with it (they also stop counting the
+    # moment the key is revoked: session_account checks the key).
+    await session.execute(
+        update(BillingSession)
+        .where(BillingSession.api_key_id == key.id, BillingSession.revoked_at.is_(None))
+        .values(revoked_at=func.now())
+    )
     return key

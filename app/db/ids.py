@@ -17,6 +17,7 @@ API_KEY = "key"
 THREAD = "thr"
 MESSAGE = "msg"
 USAGE = "usg"
+BILLING_SESSION = "bss"
 
 
 def new_id(prefix: str, *, now_ms: int | None = None) -> str:

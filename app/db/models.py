@@ -80,6 +80,27 @@ class ApiKey(Base):
     last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class BillingSession(Base):
+    """A sign-in of the billing page. The cookie holds a random token; only its SHA-256 is kept.
+    It ends at `expires_at`, on sign-out (`revoked_at`), or when its key is revoked."""
+
+    __tablename__ = "billing_sessions"
+
+    id: Mapped[str] = mapped_column(
+        Text, primary_key=True, default=partial(ids.new_id, ids.BILLING_SESSION)
+    )
+    token_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    created_at: Mapped[datetime] = _created_at()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class Thread(Base):
     __tablename__ = "threads"
     __table_args__ = (

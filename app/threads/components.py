@@ -9,6 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.billing.prices import PriceSource
 from app.config import Settings
 from app.threads.ports import ModelRuntime
+from app.threads.quotas import AccountQuotas
 from app.threads.service import ThreadService
 from app.threads.turn import TurnLimits, TurnService
 from app.threads.turn_lock import TurnLocks
@@ -39,6 +40,13 @@ def build_components(
             runtime,
             locks,
             prices.current,
-            TurnLimits(max_message_bytes=settings.max_message_bytes),
+            TurnLimits(
+                max_message_bytes=settings.max_message_bytes,
+                quotas=AccountQuotas(
+                    max_turns_in_flight=settings.max_turns_in_flight,
+                    monthly_token_budget=settings.monthly_token_budget,
+                    monthly_spend_budget=settings.monthly_spend_budget,
+                ),
+            ),
         ),
     )

@@ -87,3 +87,34 @@ class IdempotencyConflict(ThreadsError):
             f"another request with Idempotency-Key {key!r} completed while this one ran; "
             "nothing of this one was saved: retry to get the first result"
         )
+
+
+class LimitExceeded(ThreadsError):
+    """A per-account limit; `retry_after_s` says when trying again may succeed."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyTurnsInFlight(LimitExceeded):
+    type = "too_many_turns_in_flight"
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"this account already has {limit} turns in flight, its limit; "
+            "wait for one to finish and retry",
+            retry_after_s,
+        )
+
+
+class BudgetExceeded(LimitExceeded):
+    type = "budget_exceeded"
+
+    def __init__(self, kind: str, used: str, budget: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"this account's monthly {kind} budget is used up ({used} of {budget}); "
+            "it renews at the start of next month (UTC)",
+            retry_after_s,
+        )
+        self.kind = kind

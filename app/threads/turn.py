@@ -8,7 +8,8 @@
     finally:
         await outcome.close()                       # rolls back unless committed; unlocks
 
-`begin` does every check that can reject the request (413, 404, 409, 400 context overflow) before
+`begin` does every check that can reject the request (413, 404, 409, 400 context overflow, 429
+budget or turns in flight, app/threads/quotas.py) before
 anything streams, so those are plain HTTP errors. Generation writes nothing; after the engine's
 FinishEvent one transaction inserts the user message, the assistant message and the ledger row
 and advances the thread's counters (app/threads/turn_record.py); then the engine keeps the turn's
@@ -24,6 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import msgspec
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
@@ -40,6 +42,7 @@ from app.threads.errors import (
     ThreadNotFound,
 )
 from app.threads.ports import ModelRuntime, TurnEngine
+from app.threads.quotas import AccountQuotas
 from app.threads.shield import run_to_completion
 from app.threads.stop_holdback import StopHoldback
 from app.threads.text import reject_nul, storable
@@ -71,6 +74,7 @@ class Replayed:
 @dataclass(frozen=True)
 class TurnLimits:
     max_message_bytes: int
+    quotas: AccountQuotas = AccountQuotas()  # turns in flight and monthly budgets, per account
 
 
 class TurnService:
@@ -114,10 +118,13 @@ class TurnService:
         async with self._sessions() as session:
             if await store.get_thread(session, account_id, thread_id) is None:
                 raise ThreadNotFound(thread_id)
+            await self._limits.quotas.check_budget(session, account_id, datetime.now(UTC))
 
         stack = AsyncExitStack()
         conn = await stack.enter_async_context(self._locks.hold(thread_id))
         try:
+            # Left before the thread's lock (the stack unwinds in reverse), on its connection.
+            await stack.enter_async_context(self._limits.quotas.turn_slot(conn, account_id))
             # Again under the lock: the first request may have finished since the look above.
             replay = await self._replay(
                 account_id, idempotency_key, fingerprint, lambda: session_on(conn)

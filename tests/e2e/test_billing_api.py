@@ -6,15 +6,22 @@ turns and /metrics are in test_billing_reconcile.py, the page in a browser test_
 
 from __future__ import annotations
 
+import base64
+import binascii
+import contextlib
 import csv
 import io
-from datetime import UTC, datetime
+import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import select, update
 
+from app.api.billing_page import COOKIE
 from app.billing.prices import UnitPrices
-from app.db.accounts import authenticate, revoke_key
+from app.db.accounts import KEY_PREFIX, authenticate, revoke_key
+from app.db.models import BillingSession
 from tests.billing_ledger import add_turn, new_thread
 from tests.e2e.fake_engine import fake_runtime
 
@@ -39,8 +46,15 @@ async def account(db_sessions, new_key):
 
 @pytest.fixture
 def open_billing(open_api, fake_engine):
-    """An app whose engine is the fake one: these tests run no turns, so no model is loaded."""
-    return lambda: open_api(fake_runtime(fake_engine))
+    """An app whose engine is the fake one: these tests run no turns, so no model is loaded.
+    Over https, as a client keeps the page's Secure cookies only there."""
+
+    async def open_client(**overrides):
+        client = await open_api(fake_runtime(fake_engine), **overrides)
+        client.base_url = "https://testserver.local"
+        return client
+
+    return open_client
 
 
 @pytest.fixture
@@ -126,11 +140,30 @@ async def test_the_report_needs_a_key_and_shows_only_the_callers_account(
 # ------------------------------------------------------------------------------------- the page
 
 
-async def _sign_in(client, key: str):
-    return await client.post("/billing/sign-in", data={"api_key": key}, follow_redirects=False)
+def _form_token(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "the sign-in form has no CSRF token"
+    return match.group(1)
 
 
-async def test_sign_in_sets_a_signed_http_only_cookie(open_billing, account):
+async def _sign_in(client, key: str, **headers):
+    """Sign in as a browser does: load the form (its CSRF cookie and token), then post it."""
+    token = _form_token((await client.get("/billing")).text)
+    form = {"api_key": key, "csrf_token": token}
+    return await client.post("/billing/sign-in", data=form, headers=headers, follow_redirects=False)
+
+
+def _decodings(value: str) -> list[bytes]:
+    """The value and whatever base64 of any alphabet makes of it or of its dot-separated parts."""
+    out = [value.encode()]
+    for part in [value, *value.split(".")]:
+        for decode in (base64.urlsafe_b64decode, base64.b64decode):
+            with contextlib.suppress(binascii.Error, ValueError):
+                out.append(decode(part + "=" * (-len(part) % 4)))
+    return out
+
+
+async def test_sign_in_sets_a_strict_secure_http_only_session_cookie(open_billing, account):
     client = await open_billing()
     r = await client.get("/billing")
     assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
@@ -138,9 +171,9 @@ async def test_sign_in_sets_a_signed_http_only_cookie(open_billing, account):
     assert r.status_code == 401 and "not valid" in r.text
     r = await _sign_in(client, account["key"])
     assert r.status_code == 303 and r.headers["location"] == "/billing"
-    cookie = r.headers["set-cookie"]
-    assert "HttpOnly" in cookie and "SameSite=lax" in cookie and "Path=/billing" in cookie
-    assert account["key"] not in cookie  # encoded and signed, not the bare key
+    session_cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith(f"{COOKIE}="))
+    for attribute in ("HttpOnly", "SameSite=Strict", "Secure", "Path=/billing"):
+        assert attribute.lower() in session_cookie.lower()
     r = await client.get(f"/billing?{RANGE}")
     assert r.status_code == 200
     assert 'data-field="cost" data-value="0.000249"' in r.text
@@ -149,12 +182,21 @@ async def test_sign_in_sets_a_signed_http_only_cookie(open_billing, account):
     assert r.status_code == 200 and r.text.startswith("day,turns,")
 
 
+async def test_the_cookie_holds_no_key_material_and_is_no_api_credential(open_billing, account):
+    client = await open_billing()
+    await _sign_in(client, account["key"])
+    value = client.cookies[COOKIE]
+    key_body = account["key"].removeprefix(KEY_PREFIX)
+    for decoded in _decodings(value):
+        assert key_body.encode() not in decoded and key_body[:12].encode() not in decoded
+    r = await client.get("/v1/threads", headers={"Authorization": f"Bearer {value}"})
+    assert r.status_code == 401
+
+
 async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_billing, account, db_sessions):
     client = await open_billing()
     await _sign_in(client, account["key"])
-    token = client.cookies["kvthreads_billing"]
-    payload, mac = token.split(".")
-    client.cookies.set("kvthreads_billing", f"{payload}.{'A' * len(mac)}", path="/billing")
+    client.cookies.set(COOKIE, "A" * 43, path="/billing")
     r = await client.get("/billing")
     assert r.status_code == 401 and 'action="/billing/sign-in"' in r.text
     assert (await client.get("/billing/report.csv")).status_code == 401
@@ -169,14 +211,74 @@ async def test_a_forged_cookie_or_a_revoked_key_signs_out(open_billing, account,
     assert (await client.get("/billing/report.csv")).status_code == 401
 
 
-async def test_sign_out_forgets_the_cookie(open_billing, account):
+async def test_revoking_the_key_ends_its_sessions(open_billing, account, db_sessions):
+    browsers = [await open_billing(), await open_billing()]
+    for browser in browsers:
+        await _sign_in(browser, account["key"])
+    async with db_sessions.begin() as session:
+        await revoke_key(session, account["key"])
+    async with db_sessions() as session:
+        ended = (await session.scalars(select(BillingSession.revoked_at))).all()
+    assert len(ended) == 2 and all(at is not None for at in ended)
+    for browser in browsers:
+        assert (await browser.get("/billing")).status_code == 401
+
+
+async def test_sign_out_ends_the_session_server_side(open_billing, account):
     client = await open_billing()
     await _sign_in(client, account["key"])
+    old = client.cookies[COOKIE]
     r = await client.get("/billing/sign-out", follow_redirects=False)
     assert r.status_code == 303 and "Max-Age=0" in r.headers["set-cookie"]
     client.cookies.clear()  # what the browser does with Max-Age=0
     r = await client.get("/billing")
     assert r.status_code == 200 and 'action="/billing/sign-in"' in r.text
+    # Someone who kept a copy of the cookie replays it: the session is over.
+    client.cookies.set(COOKIE, old, path="/billing")
+    r = await client.get("/billing")
+    assert r.status_code == 401 and 'action="/billing/sign-in"' in r.text
+    assert (await client.get("/billing/report.csv")).status_code == 401
+
+
+async def test_a_session_expires(open_billing, account, db_sessions):
+    client = await open_billing()
+    await _sign_in(client, account["key"])
+    assert (await client.get("/billing")).status_code == 200
+    async with db_sessions.begin() as session:
+        await session.execute(
+            update(BillingSession).values(expires_at=datetime.now(UTC) - timedelta(seconds=1))
+        )
+    r = await client.get("/billing")
+    assert r.status_code == 401 and "expired" in r.text
+
+
+async def test_cross_origin_sign_in_is_refused(open_billing, account):
+    client = await open_billing()
+    r = await _sign_in(client, account["key"], Origin="http://evil.example")
+    assert r.status_code == 403 and COOKIE not in client.cookies
+    # A form posted from elsewhere has no token matching this browser's CSRF cookie.
+    await client.get("/billing")
+    r = await client.post(
+        "/billing/sign-in", data={"api_key": account["key"]}, follow_redirects=False
+    )
+    assert r.status_code == 403 and COOKIE not in client.cookies
+    foreign = await open_billing()  # a token the attacker fetched for himself
+    stolen = _form_token((await foreign.get("/billing")).text)
+    r = await client.post(
+        "/billing/sign-in",
+        data={"api_key": account["key"], "csrf_token": stolen},
+        follow_redirects=False,
+    )
+    assert r.status_code == 403 and COOKIE not in client.cookies
+    # The same origin, with the form's token, signs in.
+    r = await _sign_in(client, account["key"], Origin="https://testserver.local")
+    assert r.status_code == 303 and COOKIE in client.cookies
+
+
+async def test_insecure_cookies_only_when_configured(open_billing, account):
+    client = await open_billing(secure_cookies=False)
+    r = await _sign_in(client, account["key"])
+    assert r.status_code == 303 and "secure" not in r.headers["set-cookie"].lower()
 
 
 async def test_the_page_says_what_is_wrong_with_a_range(open_billing, account):

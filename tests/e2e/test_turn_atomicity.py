@@ -263,7 +263,7 @@ async def test_more_turns_in_flight_than_pooled_connections_all_finish(open_live
     # A turn holds exactly one connection (its lock's) and does its reads and its write on it,
     # so turns waiting for the pool never block turns that hold one (20 = pool size + overflow).
     engine = FakeEngine()
-    client = await open_live(fake_runtime(engine))
+    client = await open_live(fake_runtime(engine), max_turns_in_flight=24)
     client.headers["Authorization"] = f"Bearer {await new_key()}"
     threads = [await _thread(client) for _ in range(24)]
     engine.gate.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,10 @@ def test_defaults_from_an_empty_environment() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.prices is None
     assert settings.log_level == "info"
+    assert settings.secure_cookies is True
+    assert (settings.rate_limit_per_minute, settings.sign_in_limit_per_minute) == (600, 10)
+    assert settings.max_turns_in_flight == 16
+    assert (settings.monthly_token_budget, settings.monthly_spend_budget) == (0, None)
     assert len(settings.secret) >= 32
     assert settings.from_environment == frozenset()
 
@@ -63,6 +68,11 @@ def test_database_url_is_normalised_to_asyncpg(given: str, expected: str) -> Non
         ({"KVTHREADS_MODEL": "/no/such/model"}, "neither a built-in model"),
         ({"KVTHREADS_HOST": "a b"}, "KVTHREADS_HOST"),
         ({"KVTHREADS_PG_BINDIR": "/nowhere"}, "no postgres binary"),
+        ({"KVTHREADS_RATE_LIMIT_PER_MINUTE": "-1"}, "KVTHREADS_RATE_LIMIT_PER_MINUTE must be >= 0"),
+        ({"KVTHREADS_MAX_TURNS_IN_FLIGHT": "many"}, "KVTHREADS_MAX_TURNS_IN_FLIGHT must be an"),
+        ({"KVTHREADS_MONTHLY_SPEND_BUDGET": "ten"}, "KVTHREADS_MONTHLY_SPEND_BUDGET must be a"),
+        ({"KVTHREADS_MONTHLY_SPEND_BUDGET": "-1"}, "KVTHREADS_MONTHLY_SPEND_BUDGET must be a"),
+        ({"KVTHREADS_SECURE_COOKIES": "maybe"}, "KVTHREADS_SECURE_COOKIES must be on or off"),
     ],
 )
 def test_malformed_values_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
@@ -99,8 +109,12 @@ def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
             "KVTHREADS_PRICES": str(prices),
             "KVTHREADS_SECRET": "s" * 20,
             "KVTHREADS_DATA_DIR": str(tmp_path / "data"),
+            "KVTHREADS_MONTHLY_SPEND_BUDGET": "12.50",
+            "KVTHREADS_MONTHLY_TOKEN_BUDGET": "1_000_000",
         }
     )
+    assert settings.monthly_spend_budget == Decimal("12.50")
+    assert settings.monthly_token_budget == 1_000_000
     assert settings.model == str(model)
     assert not settings.is_builtin_model
     assert settings.device == "cpu"

@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from app.db import migrate
 from app.db.models import Account, Base, Message, Thread, UsageRecord
 
-TABLES = {"accounts", "api_keys", "threads", "messages", "usage_ledger"}
+TABLES = {"accounts", "api_keys", "billing_sessions", "threads", "messages", "usage_ledger"}
 
 
 def _diff(sync_conn) -> list:

@@ -1,0 +1,1 @@
+"""Text <-> tokens without torch: tokenizers, detokenizer, chat formats and templates."""

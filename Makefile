@@ -11,7 +11,7 @@ LINT_PATHS := app kernels tests bench migrations
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench
+.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench model
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -44,6 +44,9 @@ migrate: setup ## upgrade the database schema (the local database unless DATABAS
 
 run: setup ## serve on localhost:8000 (starts the local database, migrates, prints an API key)
 	@$(PY) -m app.devrun run
+
+model: setup ## download the real model (smollm2-135m-instruct, 98 MB GGUF) into .data/models
+	@$(PY) -m app models pull smollm2-135m-instruct
 
 test: setup chromium ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
 	$(PY) -m pytest $(PYTEST_ARGS)

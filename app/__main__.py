@@ -5,6 +5,7 @@
     keys create --name N    make an account and print its API key once
     keys list | keys revoke KEY_ID_OR_PREFIX
     chat                    chat with a running server in the terminal
+    models list | models pull NAME   the models; download a pullable one
 
 To add a command (e.g. `chat`), write app/cli/<name>.py with `register(subparsers)` and list its
 module in COMMANDS below. Failures print one line, `kvthreads: ...`, and exit non-zero:
@@ -17,11 +18,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from app.cli import chat, keys, migrate, serve
+from app.cli import chat, keys, migrate, models, serve
 from app.cli.errors import CliError
 from app.config import ConfigError, load_settings
 
-COMMANDS: tuple[ModuleType, ...] = (serve, migrate, keys, chat)
+COMMANDS: tuple[ModuleType, ...] = (serve, migrate, keys, chat, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

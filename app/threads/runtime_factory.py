@@ -26,7 +26,7 @@ def build_runtime(settings: Settings) -> ModelRuntime:
     from app.engine.runtime.async_engine import AsyncLLMEngine
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
-    loaded = resolve_model(settings.model, settings.device, dtype)
+    loaded = resolve_model(settings.model, settings.device, dtype, data_dir=settings.data_dir)
     engine = AsyncLLMEngine.from_loaded(
         loaded,
         kv_cache_mb=settings.kv_cache_mb,

@@ -53,6 +53,7 @@ def test_make_run_keeps_data_key_and_secret_across_restarts(tmp_path: Path) -> N
         KVTHREADS_DATA_DIR=str(tmp_path / "data"),
         KVTHREADS_DEV_DB_PORT=str(free_port()),
         KVTHREADS_PORT=str(port),
+        KVTHREADS_MODEL="builtin-tiny-random",  # the real default is test_smollm2's
     )
     cluster: LocalCluster = run_cluster(load_settings(env))
     try:

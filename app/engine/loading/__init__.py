@@ -1,1 +1,1 @@
-"""Models from Hugging Face folders and built-in specs, with their tokenizer and chat format."""
+"""Loading: Hugging Face folders, GGUF files, built-in models, and the registry of pullable ones."""

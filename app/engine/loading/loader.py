@@ -3,6 +3,8 @@
     load_model(folder, device, dtype) -> (CausalLM, ModelConfig)     the network only
     resolve_model(name_or_path, device, dtype) -> LoadedModel        network, tokenizer, chat format
 
+A name of the model registry or a `.gguf` path goes to the GGUF loader (app/engine/loading/gguf).
+
 The network is built on the `meta` device (no memory, no random init) and each checkpoint tensor
 is read once, converted to the target dtype on the target device and assigned in place.
 """
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,8 +21,9 @@ from safetensors import safe_open
 from app.chat.chat_format import ChatFormat, SimpleChatFormat, TemplateChatFormat
 from app.chat.chat_template import ChatTemplateError, read_chat_template
 from app.chat.tokenizer import HFTokenizer, Tokenizer
-from app.engine.loading import builtin
+from app.engine.loading import builtin, model_registry
 from app.engine.loading.hf_config import ModelLoadError, read_hf_config
+from app.engine.loading.loaded_model import LoadedModel, resolve_device
 from app.engine.network.model import CausalLM, ModelConfig
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_model"]
@@ -32,29 +34,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 # Tensors some checkpoints carry that the engine derives instead (old Llama exports saved rope).
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
 _MAX_NAMES_IN_ERROR = 5
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """Everything the engine and the service need about the served model."""
-
-    name: str  # the built-in name, or the folder's name
-    model: CausalLM
-    config: ModelConfig
-    tokenizer: Tokenizer
-    chat_format: ChatFormat
-    eos_token_ids: frozenset[int]  # config.json + generation_config.json
-    stop_token_ids: frozenset[int]  # eos + the chat format's end-of-turn tokens
-    max_context_length: int  # the longest token log a thread may reach
-    device: torch.device
-    dtype: torch.dtype
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; anything else as torch understands it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_model(
@@ -178,14 +157,26 @@ def resolve_model(
     name_or_path: str | Path,
     device: torch.device | str = "auto",
     dtype: torch.dtype | None = None,
+    data_dir: Path | None = None,
 ) -> LoadedModel:
     """A built-in model by name, or a Hugging Face folder, with its tokenizer and chat format.
+    (A registry name, pulled into `data_dir`/models, or a .gguf file: the GGUF loader.)
 
     `dtype` None picks float32 on the CPU; on an accelerator the checkpoint's 16-bit dtype, or
     bfloat16 when the checkpoint is float32 (the built-in models included).
     """
     device = resolve_device(device)
     name = str(name_or_path)
+    if name.endswith(".gguf") or model_registry.is_registered(name):
+        from app.engine.loading.gguf import load_gguf
+
+        registered = model_registry.is_registered(name)
+        path = model_registry.pulled_file(name, data_dir) if registered else Path(name)
+        if path is None:
+            raise ModelLoadError(
+                f"model {name!r} is not pulled: run `kvthreads models pull {name}`"
+            )
+        return load_gguf(path, device, dtype, name=name if registered else Path(name).stem)
     if builtin.is_builtin(name):
         dtype = dtype or _default_dtype(device, None)
         model, config = builtin.build_builtin_model(name, device, dtype)

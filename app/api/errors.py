@@ -69,9 +69,16 @@ def _validation_message(exc: ValidationException) -> str:
     details = exc.extra if isinstance(exc.extra, list) else []
     parts = []
     for item in details:
-        if isinstance(item, dict) and item.get("message"):
-            key = item.get("key")
-            parts.append(f"{item['message']} ({key})" if key else str(item["message"]))
+        if not isinstance(item, dict) or not item.get("message"):
+            continue
+        key, message = item.get("key"), str(item["message"])
+        if key == "data" and item.get("source") == "body":
+            # Bodies are decoded by app/api/json_body.py; what reaches Litestar is a missing one.
+            parts.append("the request body is empty: send a JSON object")
+        elif key:
+            parts.append(f"{key}: {message[:1].lower()}{message[1:]}")
+        else:
+            parts.append(message)
     return "; ".join(parts) or exc.detail
 
 

@@ -34,7 +34,7 @@ from app.api.metrics import metrics
 from app.api.router import create_v1_router
 from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
-from app.db.session import create_engine, create_session_factory
+from app.db.session import create_engine, create_session_factory, database_timeouts
 from app.threads.lifespan import threads_lifespan
 
 API_VERSION = "0.1.0"
@@ -47,7 +47,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db = create_engine(settings.database_url)
+        db = create_engine(settings.database_url, timeouts=database_timeouts(settings))
         app.state.db = db
         app.state.sessions = create_session_factory(db)
         try:

@@ -23,6 +23,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.prices is None
     assert settings.log_level == "info"
+    assert (settings.db_connect_timeout_s, settings.db_pool_timeout_s) == (2.0, 5.0)
+    assert settings.db_statement_timeout_s == 5.0
     assert len(settings.secret) >= 32
     assert settings.from_environment == frozenset()
 
@@ -63,6 +65,9 @@ def test_database_url_is_normalised_to_asyncpg(given: str, expected: str) -> Non
         ({"KVTHREADS_MODEL": "/no/such/model"}, "neither a built-in model"),
         ({"KVTHREADS_HOST": "a b"}, "KVTHREADS_HOST"),
         ({"KVTHREADS_PG_BINDIR": "/nowhere"}, "no postgres binary"),
+        ({"KVTHREADS_DB_CONNECT_TIMEOUT_S": "soon"}, "must be a number of seconds"),
+        ({"KVTHREADS_DB_POOL_TIMEOUT_S": "0"}, "KVTHREADS_DB_POOL_TIMEOUT_S must be between"),
+        ({"KVTHREADS_DB_STATEMENT_TIMEOUT_S": "nan"}, "KVTHREADS_DB_STATEMENT_TIMEOUT_S"),
     ],
 )
 def test_malformed_values_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
@@ -99,8 +104,10 @@ def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
             "KVTHREADS_PRICES": str(prices),
             "KVTHREADS_SECRET": "s" * 20,
             "KVTHREADS_DATA_DIR": str(tmp_path / "data"),
+            "KVTHREADS_DB_STATEMENT_TIMEOUT_S": "2.5",
         }
     )
+    assert settings.db_statement_timeout_s == 2.5
     assert settings.model == str(model)
     assert not settings.is_builtin_model
     assert settings.device == "cpu"

@@ -31,6 +31,7 @@ from app.api.billing import BillingPageController
 from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
 from app.api.metrics import metrics
+from app.api.openapi import describe_v1_api
 from app.api.router import create_v1_router
 from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, engine: Any | None = None) -> L
         # Entered in order, left in reverse: the engine stops before the database closes.
         lifespan=[lifespan, threads_lifespan(settings, engine)],
         exception_handlers=EXCEPTION_HANDLERS,
+        on_startup=[describe_v1_api],
         state=State({"settings": settings, "engine": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),

@@ -41,11 +41,11 @@ class Settings:
     max_num_seqs: int = 32  # sequences in one engine step
     residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
+    default_max_tokens: int = 256  # max_tokens of a turn that does not say
     # Bounds on every wait for the database; past them a request answers 503.
     db_connect_timeout_s: float = 2.0  # opening a connection
     db_pool_timeout_s: float = 5.0  # waiting for a free pooled connection
     db_statement_timeout_s: float = 5.0  # one statement (also Postgres' statement_timeout)
-    default_max_tokens: int = 256  # max_tokens of a turn that does not say
     host: str = "127.0.0.1"
     port: int = 8000
     prices: Path | None = None  # TOML price file (app/billing/prices.py); None: defaults

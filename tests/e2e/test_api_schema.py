@@ -59,7 +59,12 @@ async def test_schemathesis_finds_nothing_against_the_live_server(settings, new_
     key = await new_key()
     app = create_app(replace(settings, default_max_tokens=4))
     with live_server(app) as server:
-        env = {**os.environ, "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks"}
+        # Run from tmp_path: schemathesis keeps a cache folder in its working directory.
+        env = {
+            **os.environ,
+            "SCHEMATHESIS_HOOKS": "tests.e2e.schemathesis_hooks",
+            "PYTHONPATH": str(PROJECT_ROOT),
+        }
         command = [
             sys.executable, "-m", "schemathesis.cli", "run",
             f"{server.url}/schema/openapi.json",
@@ -79,7 +84,7 @@ async def test_schemathesis_finds_nothing_against_the_live_server(settings, new_
         ]  # fmt: skip
         result = subprocess.run(
             command,
-            cwd=PROJECT_ROOT,
+            cwd=tmp_path,
             env=env,
             capture_output=True,
             text=True,

@@ -32,11 +32,12 @@ from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
 from app.api.limits import LIMIT_HANDLERS, api_rate_limit, sign_in_rate_limit
 from app.api.metrics import metrics
+from app.api.openapi import describe_v1_api
 from app.api.router import create_v1_router
 from app.api.security_headers import set_security_headers
 from app.billing import TEMPLATES_DIR as BILLING_TEMPLATES
 from app.config import ConfigError, Settings, load_settings
-from app.db.session import create_engine, create_session_factory
+from app.db.session import create_engine, create_session_factory, database_timeouts
 from app.threads.lifespan import threads_lifespan
 
 API_VERSION = "0.1.0"
@@ -49,7 +50,7 @@ def create_app(settings: Settings | None = None, runtime: Any | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db = create_engine(settings.database_url)
+        db = create_engine(settings.database_url, timeouts=database_timeouts(settings))
         app.state.db = db
         app.state.sessions = create_session_factory(db)
         try:
@@ -69,6 +70,7 @@ def create_app(settings: Settings | None = None, runtime: Any | None = None) -> 
         exception_handlers={**EXCEPTION_HANDLERS, **LIMIT_HANDLERS},
         middleware=sign_in_rate_limit(settings),
         before_send=[set_security_headers],
+        on_startup=[describe_v1_api],
         state=State({"settings": settings, "runtime": None}),
         template_config=TemplateConfig(directory=BILLING_TEMPLATES, engine=JinjaTemplateEngine),
         openapi_config=OpenAPIConfig(title="kvthreads", version=API_VERSION, path="/schema"),

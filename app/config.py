@@ -44,6 +44,10 @@ class Settings:
     share_across_accounts: bool = False  # share KV blocks of a common prefix between accounts
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
     default_max_tokens: int = 256  # max_tokens of a turn that does not say
+    # Bounds on every wait for the database; past them a request answers 503.
+    db_connect_timeout_s: float = 2.0  # opening a connection
+    db_pool_timeout_s: float = 5.0  # waiting for a free pooled connection
+    db_statement_timeout_s: float = 5.0  # one statement (also Postgres' statement_timeout)
     host: str = "127.0.0.1"
     port: int = 8000
     prices: Path | None = None  # TOML price file (app/billing/prices.py); None: defaults
@@ -102,6 +106,19 @@ def _int(minimum: int, maximum: int | None = None) -> Callable[[str, str], int]:
         if value < minimum or (maximum is not None and value > maximum):
             bounds = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
             raise ConfigError(f"{name} must be {bounds}, got {value}")
+        return value
+
+    return parse
+
+
+def _seconds(minimum: float, maximum: float) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not minimum <= value <= maximum:  # also refuses nan
+            raise ConfigError(f"{name} must be between {minimum} and {maximum} seconds, got {raw}")
         return value
 
     return parse
@@ -214,6 +231,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_SHARE_ACROSS_ACCOUNTS": ("share_across_accounts", _on_off),
     "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),
     "KVTHREADS_DEFAULT_MAX_TOKENS": ("default_max_tokens", _int(1)),
+    "KVTHREADS_DB_CONNECT_TIMEOUT_S": ("db_connect_timeout_s", _seconds(0.1, 600)),
+    "KVTHREADS_DB_POOL_TIMEOUT_S": ("db_pool_timeout_s", _seconds(0.1, 600)),
+    "KVTHREADS_DB_STATEMENT_TIMEOUT_S": ("db_statement_timeout_s", _seconds(0.1, 3600)),
     "KVTHREADS_HOST": ("host", _host),
     "KVTHREADS_PORT": ("port", _int(0, 65535)),
     "KVTHREADS_PRICES": ("prices", _existing_file),

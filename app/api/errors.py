@@ -1,8 +1,10 @@
 """Every error leaves the service as JSON `{"error": {"type": ..., "message": ...}}`.
 
 Raise `ApiError(status, type, message)` for errors of our own (`ApiError(409, "thread_busy", ...)`).
-Litestar's exceptions (validation, 404 routes, 405, ...) get a type from their status code, and
-anything uncaught becomes a 500 `internal_error` whose message reveals nothing; it is logged.
+Litestar's exceptions (validation, 404 routes, 405, ...) get a type from their status code. A
+database that cannot be reached (down, frozen past the timeouts) is a 503 `database_unavailable`
+with Retry-After; anything else uncaught becomes a 500 `internal_error` whose message reveals
+nothing; it is logged.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any
 
 from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, ValidationException
+
+from app.db.outage import is_database_unavailable
 
 logger = logging.getLogger("app.api")
 
@@ -69,9 +73,16 @@ def _validation_message(exc: ValidationException) -> str:
     details = exc.extra if isinstance(exc.extra, list) else []
     parts = []
     for item in details:
-        if isinstance(item, dict) and item.get("message"):
-            key = item.get("key")
-            parts.append(f"{item['message']} ({key})" if key else str(item["message"]))
+        if not isinstance(item, dict) or not item.get("message"):
+            continue
+        key, message = item.get("key"), str(item["message"])
+        if key == "data" and item.get("source") == "body":
+            # Bodies are decoded by app/api/json_body.py; what reaches Litestar is a missing one.
+            parts.append("the request body is empty: send a JSON object")
+        elif key:
+            parts.append(f"{key}: {message[:1].lower()}{message[1:]}")
+        else:
+            parts.append(message)
     return "; ".join(parts) or exc.detail
 
 
@@ -90,7 +101,21 @@ def http_exception_handler(request: Request[Any, Any, Any], exc: HTTPException) 
     return error_response(exc.status_code, error_type_for(exc.status_code), message, exc.headers)
 
 
+RETRY_AFTER_S = 5
+DATABASE_UNAVAILABLE = (
+    "database_unavailable",
+    "the database is not answering; nothing was saved, try again shortly",
+)
+
+
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    if is_database_unavailable(exc):
+        logger.warning(
+            "%s %s -> 503: database unavailable: %r", request.method, request.url.path, exc
+        )
+        return error_response(
+            503, *DATABASE_UNAVAILABLE, headers={"Retry-After": str(RETRY_AFTER_S)}
+        )
     logger.exception("unhandled error in %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error")
 

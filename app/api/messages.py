@@ -6,12 +6,12 @@ from typing import Annotated
 
 from litestar import Controller, Request, Response, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, HeaderParameter, JSONBody
+from litestar.params import HeaderParameter, JSONBody
 
 from app.api.disconnect import ClientDisconnected, unless_disconnected
 from app.api.errors import error_response
 from app.api.sse import EventStream, replay_events, turn_events
-from app.api.threads import After, PageLimit
+from app.api.threads import After, PageLimit, ThreadId
 from app.threads import schemas
 from app.threads.service import ThreadService
 from app.threads.turn import Replayed, Turn, TurnDone, TurnService
@@ -36,7 +36,7 @@ class MessageController(Controller):
         request: Request,
         account_id: NamedDependency[str],
         turn_service: NamedDependency[TurnService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
         data: JSONBody[schemas.AppendMessageRequest],
         idempotency_key: IdempotencyKey = None,
     ) -> Response[schemas.TurnResult]:
@@ -65,7 +65,7 @@ class MessageController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
         limit: PageLimit = 50,
         after: After = None,
     ) -> schemas.MessageList:
@@ -77,7 +77,7 @@ class MessageController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
     ) -> schemas.TokenLog:
         """The thread's exact token log: every message's token ids, concatenated in order."""
         return await thread_service.tokens(account_id, thread_id)

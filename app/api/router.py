@@ -13,6 +13,7 @@ from app.api.auth import provide_account_id
 from app.api.billing import billing_report
 from app.api.deps import provide_thread_service, provide_turn_service
 from app.api.errors import error_response
+from app.api.json_body import JSONRequest
 from app.api.messages import MessageController
 from app.api.threads import ThreadController
 from app.threads import errors
@@ -56,4 +57,5 @@ def create_v1_router(max_message_bytes: int, middleware: Sequence[Middleware] = 
         },
         exception_handlers={errors.ThreadsError: threads_error_handler},
         middleware=list(middleware),  # the per-key rate limit (app/api/limits.py)
+        request_class=JSONRequest,
     )

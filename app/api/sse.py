@@ -25,6 +25,8 @@ from litestar import Request
 from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
+from app.api.errors import DATABASE_UNAVAILABLE
+from app.db.outage import is_database_unavailable
 from app.threads.errors import ThreadsError
 from app.threads.schemas import TurnResult
 from app.threads.turn import TextDelta, Turn, TurnDone
@@ -47,11 +49,16 @@ async def turn_events(turn: Turn) -> AsyncIterator[bytes]:
                 yield sse_event("done", event.result)
     except ThreadsError as exc:
         yield sse_event("error", {"error": {"type": exc.type, "message": exc.message}})
-    except Exception:
-        logger.exception("streamed turn on thread %s failed", turn.thread_id)
-        yield sse_event(
-            "error", {"error": {"type": "internal_error", "message": "internal server error"}}
-        )
+    except Exception as exc:
+        if is_database_unavailable(exc):
+            logger.warning(
+                "streamed turn on thread %s: database unavailable: %r", turn.thread_id, exc
+            )
+            error_type, message = DATABASE_UNAVAILABLE
+        else:
+            logger.exception("streamed turn on thread %s failed", turn.thread_id)
+            error_type, message = "internal_error", "internal server error"
+        yield sse_event("error", {"error": {"type": error_type, "message": message}})
 
 
 async def replay_events(result: TurnResult) -> AsyncIterator[bytes]:

@@ -6,13 +6,19 @@ from typing import Annotated
 
 from litestar import Controller, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, QueryParameter
+from litestar.params import JSONBody, PathParameter, QueryParameter
 
 from app.threads import schemas
 from app.threads.service import MAX_PAGE, ThreadService
 
 PageLimit = Annotated[int, QueryParameter(ge=1, le=MAX_PAGE, description="items per page")]
 After = Annotated[str | None, QueryParameter(description="next_cursor of the previous page")]
+# Ids are a prefix, "_" and base32 (app/db/ids.py); anything else (a NUL, a slash) is a 400 here,
+# before it reaches the database.
+ThreadId = Annotated[
+    str,
+    PathParameter(pattern=r"^[A-Za-z0-9_]{1,64}$", description="the thread's id, thr_..."),
+]
 
 
 class ThreadController(Controller):
@@ -45,7 +51,7 @@ class ThreadController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
     ) -> schemas.ThreadDetail:
         """The thread and whether its KV cache is resident in this server process."""
         return await thread_service.get(account_id, thread_id)
@@ -55,7 +61,7 @@ class ThreadController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
     ) -> schemas.Deleted:
         """Delete the thread and its messages and free its cache (its ledger rows stay)."""
         return await thread_service.delete(account_id, thread_id)
@@ -65,7 +71,7 @@ class ThreadController(Controller):
         self,
         account_id: NamedDependency[str],
         thread_service: NamedDependency[ThreadService],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
         data: JSONBody[schemas.ForkThreadRequest],
     ) -> schemas.ThreadDetail:
         """A new thread with this one's messages up to position `at` (all by default), their
@@ -76,7 +82,7 @@ class ThreadController(Controller):
     async def rewind_thread(
         self,
         account_id: NamedDependency[str],
-        thread_id: FromPath[str],
+        thread_id: ThreadId,
         thread_service: NamedDependency[ThreadService],
         data: JSONBody[schemas.RewindThreadRequest],
     ) -> schemas.ThreadDetail:

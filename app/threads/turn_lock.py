@@ -80,6 +80,11 @@ def session_on(conn: AsyncConnection) -> AsyncSession:
 
 
 async def _unlock(conn: AsyncConnection, key: int) -> None:
+    if conn.invalidated:
+        # The connection was lost (the database went down or stopped answering): its session and
+        # the lock with it are gone; unlocking would only open a new connection to no purpose.
+        return
+
     async def unlock() -> None:
         try:
             await conn.execute(_UNLOCK, {"key": key})

@@ -133,3 +133,66 @@ async def test_context_overflow_names_every_count_and_writes_nothing(
     assert r.status_code == 200, r.text
     usage = r.json()["usage"]
     assert usage["input_tokens"] + usage["output_tokens"] <= 80
+
+
+JSON = {"Content-Type": "application/json"}
+RAW_CASES = [
+    # raw body, headers, status, error type, words the message must contain
+    (b"[" * 1000 + b"]" * 1000, JSON, 400, "invalid_request", ["nested"]),
+    (b'{"content": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", JSON, 400, "invalid_request", []),
+    (b'{"content":"\xff"}', JSON, 400, "invalid_request", ["UTF-8"]),
+    (b'{"content":"\\ud800"}', JSON, 400, "invalid_request", ["JSON"]),
+    (b'{"content":"hi","temperature":NaN}', JSON, 400, "invalid_request", ["JSON"]),
+    (b'{"content":"hi","max_tokens":"16"}', JSON, 400, "invalid_request", ["max_tokens", "int"]),
+    (b'{"content":"hi","stream":1}', JSON, 400, "invalid_request", ["stream", "bool"]),
+    (b'{"content":"hi","content":"again"}', JSON, 400, "invalid_request", ["twice", "content"]),
+    (b"", JSON, 400, "invalid_request", ["empty"]),
+    (b"", {}, 400, "invalid_request", ["empty"]),
+    (b'{"content":"hi"}', {"Content-Type": "text/plain"}, 415, "unsupported_media_type",
+     ["application/json", "text/plain"]),
+    (b"content=hi", {"Content-Type": "application/x-www-form-urlencoded"}, 415,
+     "unsupported_media_type", ["application/json"]),
+    (b'{"content":"hi"}', {}, 415, "unsupported_media_type", ["application/json"]),
+]  # fmt: skip
+
+
+async def test_bodies_must_be_strict_json_and_write_nothing(
+    fake_api, fake_engine, db_sessions, thread_id
+):
+    url = f"/v1/threads/{thread_id}/messages"
+    before = await snapshot(db_sessions)
+    turns_before = fake_engine.commits + fake_engine.rollbacks
+    for raw, headers, status, error_type, words in RAW_CASES:
+        r = await fake_api.post(url, content=raw, headers=headers)  # raw content: no type added
+        assert r.status_code == status, (raw[:40], headers, r.text)
+        error = r.json()["error"]
+        assert error["type"] == error_type, (raw[:40], error)
+        assert all(word in error["message"] for word in words), (raw[:40], error)
+        assert "(data)" not in error["message"], error
+    r = await fake_api.post("/v1/threads", content=b'{"system":"s"}', headers={})
+    assert r.status_code == 415, r.text
+    assert await snapshot(db_sessions) == before
+    assert fake_engine.commits + fake_engine.rollbacks == turns_before  # no turn ran
+
+    r = await fake_api.post(url, content=b'{"content":"hi"}', headers={**JSON, "X": "1"})
+    assert r.status_code == 200, r.text
+    r = await fake_api.post(
+        url,
+        content=b'{"content":"hi"}',
+        headers={"Content-Type": "application/json; charset=utf-8"},
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_bad_thread_ids_are_400_before_the_database(fake_api):
+    for path in ("/v1/threads/thr_%00", "/v1/threads/thr_%00/messages", "/v1/threads/a%20b/tokens"):
+        r = await fake_api.get(path)
+        assert r.status_code == 400, (path, r.text)
+        error = r.json()["error"]
+        assert error["type"] == "invalid_request" and "thread_id" in error["message"], error
+    r = await fake_api.delete("/v1/threads/thr_%00")
+    assert r.status_code == 400, r.text
+    r = await fake_api.post("/v1/threads/thr_%00/messages", json={"content": "hi"})
+    assert r.status_code == 400, r.text
+    r = await fake_api.get("/v1/threads/thr_nope")
+    assert r.status_code == 404, r.text

@@ -28,6 +28,8 @@ def test_defaults_from_an_empty_environment() -> None:
     assert (settings.rate_limit_per_minute, settings.sign_in_limit_per_minute) == (600, 10)
     assert settings.max_turns_in_flight == 16
     assert (settings.monthly_token_budget, settings.monthly_spend_budget) == (0, None)
+    assert (settings.db_connect_timeout_s, settings.db_pool_timeout_s) == (2.0, 5.0)
+    assert settings.db_statement_timeout_s == 5.0
     assert len(settings.secret) >= 32
     assert settings.from_environment == frozenset()
 
@@ -73,6 +75,9 @@ def test_database_url_is_normalised_to_asyncpg(given: str, expected: str) -> Non
         ({"KVTHREADS_MONTHLY_SPEND_BUDGET": "ten"}, "KVTHREADS_MONTHLY_SPEND_BUDGET must be a"),
         ({"KVTHREADS_MONTHLY_SPEND_BUDGET": "-1"}, "KVTHREADS_MONTHLY_SPEND_BUDGET must be a"),
         ({"KVTHREADS_SECURE_COOKIES": "maybe"}, "KVTHREADS_SECURE_COOKIES must be on or off"),
+        ({"KVTHREADS_DB_CONNECT_TIMEOUT_S": "soon"}, "must be a number of seconds"),
+        ({"KVTHREADS_DB_POOL_TIMEOUT_S": "0"}, "KVTHREADS_DB_POOL_TIMEOUT_S must be between"),
+        ({"KVTHREADS_DB_STATEMENT_TIMEOUT_S": "nan"}, "KVTHREADS_DB_STATEMENT_TIMEOUT_S"),
     ],
 )
 def test_malformed_values_fail_naming_the_variable(env: dict[str, str], words: str) -> None:
@@ -111,10 +116,12 @@ def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
             "KVTHREADS_DATA_DIR": str(tmp_path / "data"),
             "KVTHREADS_MONTHLY_SPEND_BUDGET": "12.50",
             "KVTHREADS_MONTHLY_TOKEN_BUDGET": "1_000_000",
+            "KVTHREADS_DB_STATEMENT_TIMEOUT_S": "2.5",
         }
     )
     assert settings.monthly_spend_budget == Decimal("12.50")
     assert settings.monthly_token_budget == 1_000_000
+    assert settings.db_statement_timeout_s == 2.5
     assert settings.model == str(model)
     assert not settings.is_builtin_model
     assert settings.device == "cpu"

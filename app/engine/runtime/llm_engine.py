@@ -69,9 +69,11 @@ class LLMEngine:
         max_model_len: int | None = None,
         check_invariants: bool = False,
         on_logits: LogitsHook | None = None,
+        attention_backend: str | None = None,
     ) -> None:
         """
-        Give the pool's size as num_blocks or as kv_cache_mb. `decode(ids) -> str` produces the
+        Give the pool's size as num_blocks or as kv_cache_mb. `attention_backend` names one
+        ("triton", "torch"; see network/attention/base.py); None takes the device's own. `decode(ids) -> str` produces the
         text (without it, events carry no text and stop strings are refused). `check_invariants`
         checks the block accounting after every step (tests). `on_logits(seqs, logits)` sees the
         logits each step samples from (tests).
@@ -95,7 +97,9 @@ class LLMEngine:
         self.lock = threading.RLock()
         self.kv = KVCacheManager(num_blocks, block_size, residency=residency)
         self.pool = KVPool(config, num_blocks, block_size, self.dtype, self.device)
-        self.runner = ModelRunner(model, self.pool.layer_caches, block_size)
+        self.runner = ModelRunner(
+            model, self.pool.layer_caches, block_size, attention_backend=attention_backend
+        )
         self.scheduler = Scheduler(
             self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
         )

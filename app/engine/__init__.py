@@ -22,8 +22,7 @@ a GPU session, `make gpu-check`, has to prove):
 - Weights read by safetensors straight into GPU memory (loading/loader.py): the CPU reads the same
   tensors (tests/unit/test_model_loader.py).
 - Plain linears (F.linear on cuBLAS; torch keeps TF32 off for float32 matmuls by default): the
-  CPU prepacks instead
-  (network/packed_linear.py); the plain path is the "plain" half of
+  CPU prepacks instead (network/packed_linear.py); the plain path is the "plain" half of
   tests/reference/test_hf_parity.py.
 - Benchmarks' CUDA events and synchronizes (bench/gpu_check.py, bench/gpu_multiturn.py): their
   logic runs in their CPU modes (tests/unit/test_bench_gpu_multiturn.py,

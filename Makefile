@@ -11,7 +11,7 @@ LINT_PATHS := app kernels tests bench migrations devtools
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench model
+.PHONY: help setup chromium db db-stop db-url migrate run test lint format bench model gpu-check
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -62,3 +62,9 @@ format: setup ## ruff format and the safe fixes
 
 bench: setup ## the multi-turn benchmark, cache vs recompute over HTTP (~10 min on 2 cores; BENCH_ARGS=...)
 	$(PY) -m bench.multiturn $(BENCH_ARGS)
+
+# Needs only torch (a CUDA build) and triton, so no `setup`: .venv's python when there is one,
+# else python3; GPU_PY=... names another.
+GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+gpu-check: ## on a GPU, once: kernels, engine on CUDA vs CPU, benchmark tables (~10 min; GPU_ARGS=...)
+	$(GPU_PY) bench/gpu_suite.py $(GPU_ARGS)

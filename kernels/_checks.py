@@ -64,3 +64,18 @@ def require_kv_pool(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         )
     require_contiguous("k_cache", k_cache)
     require_contiguous("v_cache", v_cache)
+
+
+def require_launchable(kernel: object, device: torch.device) -> None:
+    """A compiled kernel runs on CUDA; on any other device only a kernel that was defined under
+    Triton's interpreter (TRITON_INTERPRET=1 before kernels/ is imported) runs, slowly: the CPU
+    tests of the Triton path."""
+    if device.type == "cuda":
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise ValueError(
+            f"the Triton kernels run on CUDA, got tensors on {device}: on the CPU they run only "
+            "under Triton's interpreter, with TRITON_INTERPRET=1 set before kernels/ is imported"
+        )

@@ -49,6 +49,7 @@ import triton.language as tl
 from kernels._checks import (
     require_dtype,
     require_kv_pool,
+    require_launchable,
     require_ndim,
     require_same_device,
     require_unit_last_stride,
@@ -443,7 +444,7 @@ def _check_paged_attention_args(
         raise ValueError(
             f"block_tables must have one row per sequence ({num_seqs}), got {block_tables.shape[0]}"
         )
-    require_same_device(
+    device = require_same_device(
         q=q,
         k_cache=k_cache,
         v_cache=v_cache,
@@ -451,3 +452,4 @@ def _check_paged_attention_args(
         cu_seqlens_q=cu_seqlens_q,
         seq_lens=seq_lens,
     )
+    require_launchable(_paged_attention_kernel, device)

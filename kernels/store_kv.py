@@ -20,6 +20,7 @@ from kernels._checks import (
     KERNEL_DTYPES,
     require_dtype,
     require_kv_pool,
+    require_launchable,
     require_ndim,
     require_same_device,
     require_unit_last_stride,
@@ -140,6 +141,7 @@ def _check_store_kv_args(
             f"slot_mapping has {slot_mapping.shape[0]} entries for {key.shape[0]} tokens"
         )
     require_unit_last_stride("slot_mapping", slot_mapping)
-    require_same_device(
+    device = require_same_device(
         key=key, value=value, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping
     )
+    require_launchable(_store_kv_kernel, device)

@@ -1,11 +1,31 @@
-"""The CPU backend: its decode fast path against the paged-attention reference, and the
-reference (its path for every other step) against attention written out in full."""
+"""The backend choice; the CPU backend: its decode fast path against the paged-attention
+reference, and the reference (its path for every other step) against attention written out in
+full. (The Triton backend on the CPU, under the interpreter: tests/kernels/.)"""
 
 import pytest
 import torch
 
-from app.engine.network.attention.cpu_backend import decode_key_mask, padded_decode_attention
+from app.engine.network.attention import create_backend
+from app.engine.network.attention.base import backend_name
+from app.engine.network.attention.cpu_backend import (
+    CPUBackend,
+    decode_key_mask,
+    padded_decode_attention,
+)
 from kernels.paged_attention_ref import paged_attention_ref
+
+
+def test_the_backend_is_the_devices_own_unless_one_is_named():
+    assert backend_name(torch.device("cuda")) == "triton"
+    assert backend_name(torch.device("cpu")) == "torch"
+    assert backend_name(torch.device("meta")) == "torch"  # any device without its own
+    assert backend_name(torch.device("cpu"), "triton") == "triton"
+    assert backend_name(torch.device("cuda"), "torch") == "torch"
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        backend_name(torch.device("cpu"), "flash")
+    pool = [(torch.zeros(4, 2, 1, 8), torch.zeros(4, 2, 1, 8))]
+    assert isinstance(create_backend(pool), CPUBackend)
+    assert isinstance(create_backend(pool, "torch"), CPUBackend)
 
 
 def scattered_block_tables(

@@ -37,6 +37,8 @@ class ModelRunner:
         model: CausalLM,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
+        *,
+        attention_backend: str | None = None,
     ) -> None:
         self.model = model
         self.kv_caches = kv_caches
@@ -49,7 +51,7 @@ class ModelRunner:
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
             model.prepack_linears()
-        self.attn = create_backend(kv_caches)
+        self.attn = create_backend(kv_caches, attention_backend)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_cuda:

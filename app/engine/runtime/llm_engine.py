@@ -70,12 +70,14 @@ class LLMEngine:
         check_invariants: bool = False,
         on_logits: LogitsHook | None = None,
         model_name: str = "",
+        attention_backend: str | None = None,
     ) -> None:
         """
-        Give the pool's size as num_blocks or as kv_cache_mb. `decode(ids) -> str` produces the
-        text (without it, events carry no text and stop strings are refused). `check_invariants`
-        checks the block accounting after every step (tests). `on_logits(seqs, logits)` sees the
-        logits each step samples from (tests). `model_name` goes into the identity that shared
+        Give the pool's size as num_blocks or as kv_cache_mb. `attention_backend` names one
+        ("triton", "torch"; see network/attention/base.py); None takes the device's own.
+        `decode(ids) -> str` produces the text (without it, events carry no text and stop strings
+        are refused). `check_invariants` checks the block accounting after every step (tests).
+        `on_logits(seqs, logits)` sees the logits each step samples from (tests). `model_name` goes into the identity that shared
         KV blocks are named with, with the model's shapes, the dtype and the block size.
         """
         if (num_blocks is None) == (kv_cache_mb is None):
@@ -103,7 +105,9 @@ class LLMEngine:
             identity=kv_identity(config, self.dtype, block_size, model_name),
             copy_block=self.pool.copy_block,
         )
-        self.runner = ModelRunner(model, self.pool.layer_caches, block_size)
+        self.runner = ModelRunner(
+            model, self.pool.layer_caches, block_size, attention_backend=attention_backend
+        )
         self.scheduler = Scheduler(
             self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
         )

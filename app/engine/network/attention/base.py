@@ -5,7 +5,8 @@ with the same values as plain ints (the backend keeps whatever per-step extras i
 them); every layer then calls `store_kv` for its new keys/values and `forward` for its queries;
 once the forward pass has finished, the runner calls `finish_step`.
 
-    attn = create_backend(kv_caches)        # by the pool's device: "cuda" -> Triton, else torch
+    attn = create_backend(kv_caches)            # by the pool's device: cuda -> Triton, else torch
+    attn = create_backend(kv_caches, "triton")  # by name (on a CPU pool: Triton's interpreter)
     attn.prepare(meta, seq_ids=..., cu_seqlens_q=[...], seq_lens=[...])
     hidden = model(input_ids, positions, kv_caches, meta, attn)
     attn.finish_step()
@@ -79,15 +80,30 @@ class AttentionBackend(ABC):
         """The step's forward pass finished (a pass that raised half way never gets here)."""
 
 
-# device type -> "module:class" in this package, imported on first use: the Triton kernels (and
-# triton) load only where a CUDA device serves. Pure torch serves every other device.
-BACKENDS = {"cuda": "triton_backend:TritonBackend", "cpu": "cpu_backend:CPUBackend"}
-DEFAULT_DEVICE_TYPE = "cpu"
+# backend name -> "module:class" in this package, imported on first use: the Triton kernels (and
+# triton) load only where they serve. "torch" (the pure-torch references) serves any device.
+BACKENDS = {"triton": "triton_backend:TritonBackend", "torch": "cpu_backend:CPUBackend"}
+# device type -> its backend when none is named; any other device gets DEFAULT_BACKEND.
+DEVICE_BACKENDS = {"cuda": "triton"}
+DEFAULT_BACKEND = "torch"
 
 
-def create_backend(kv_caches: KVCaches) -> AttentionBackend:
-    """A fresh backend (with its own step state) for the pool `kv_caches`, by its device."""
-    device_type = kv_caches[0][0].device.type
-    module_name, class_name = BACKENDS.get(device_type, BACKENDS[DEFAULT_DEVICE_TYPE]).split(":")
+def backend_name(device: torch.device, name: str | None = None) -> str:
+    """The backend `create_backend` builds for a pool on `device`: `name`, checked, or the
+    device's own."""
+    if name is None:
+        return DEVICE_BACKENDS.get(device.type, DEFAULT_BACKEND)
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r} (one of {', '.join(BACKENDS)})")
+    return name
+
+
+def create_backend(kv_caches: KVCaches, name: str | None = None) -> AttentionBackend:
+    """A fresh backend (with its own step state) for the pool `kv_caches`: the one called `name`,
+    or with None the one of the pool's device. "triton" on a pool off CUDA runs only where the
+    kernels were defined under Triton's interpreter (TRITON_INTERPRET=1 before kernels/ is
+    imported; the tests of the Triton path on the CPU), and says so otherwise."""
+    chosen = backend_name(kv_caches[0][0].device, name)
+    module_name, class_name = BACKENDS[chosen].split(":")
     module = importlib.import_module(f"{__package__}.{module_name}")
     return getattr(module, class_name)(kv_caches)

@@ -40,6 +40,7 @@ class Settings:
     max_batch_tokens: int = 512  # tokens computed in one engine step, all sequences together
     max_num_seqs: int = 32  # sequences in one engine step
     residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
+    compile: bool = False  # compile the decode step (torch.compile); cache under DATA_DIR/inductor
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
     default_max_tokens: int = 256  # max_tokens of a turn that does not say
     host: str = "127.0.0.1"
@@ -183,6 +184,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_MAX_BATCH_TOKENS": ("max_batch_tokens", _int(1)),
     "KVTHREADS_MAX_NUM_SEQS": ("max_num_seqs", _int(1)),
     "KVTHREADS_RESIDENCY": ("residency", _on_off),
+    "KVTHREADS_COMPILE": ("compile", _on_off),
     "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),
     "KVTHREADS_DEFAULT_MAX_TOKENS": ("default_max_tokens", _int(1)),
     "KVTHREADS_HOST": ("host", _host),

@@ -42,6 +42,7 @@ class Settings:
     max_num_seqs: int = 32  # sequences in one engine step
     residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
     share_across_accounts: bool = False  # share KV blocks of a common prefix between accounts
+    compile: bool = False  # compile the decode step (torch.compile); cache under DATA_DIR/inductor
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
     default_max_tokens: int = 256  # max_tokens of a turn that does not say
     # Bounds on every wait for the database; past them a request answers 503.
@@ -229,6 +230,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_MAX_NUM_SEQS": ("max_num_seqs", _int(1)),
     "KVTHREADS_RESIDENCY": ("residency", _on_off),
     "KVTHREADS_SHARE_ACROSS_ACCOUNTS": ("share_across_accounts", _on_off),
+    "KVTHREADS_COMPILE": ("compile", _on_off),
     "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),
     "KVTHREADS_DEFAULT_MAX_TOKENS": ("default_max_tokens", _int(1)),
     "KVTHREADS_DB_CONNECT_TIMEOUT_S": ("db_connect_timeout_s", _seconds(0.1, 600)),

@@ -18,7 +18,11 @@ sits at absolute position  p = seq_lens[b] - q_len + j  and attends causally to 
 
 A decode step is the case q_len = 1; a first prefill is q_len = seq_len. Keys and values of the new
 tokens must already be in the pool (store_kv runs first). Grouped-query heads: query head h reads
-KV head h // (Hq // Hkv). Accumulation is float32 whatever the input dtype.
+KV head h // (Hq // Hkv) (SDPA's enable_gqa: the KV heads are never repeated in memory).
+Accumulation is float32 whatever the input dtype.
+
+A sequence whose blocks stand in consecutive pool blocks (a thread that grew alone) is read as a
+view of the pool, not gathered: a short turn on a long history then copies none of it.
 """
 
 from __future__ import annotations
@@ -31,7 +35,11 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     """The first seq_len tokens of one sequence from a pool [N, bs, Hkv, D] -> [seq_len, Hkv, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks].long())  # [nb, bs, Hkv, D]
+    table = block_table[:num_blocks].long()
+    first = int(table[0])
+    if num_blocks == 1 or bool((table.diff() == 1).all()):  # consecutive: a view, no copy
+        return cache.flatten(0, 1)[first * block_size : first * block_size + seq_len]
+    blocks = cache.index_select(0, table)  # [nb, bs, Hkv, D]
     return blocks.flatten(0, 1)[:seq_len]
 
 
@@ -48,7 +56,6 @@ def paged_attention_ref(
     cu = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else cu_seqlens_q
     lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     for b, seq_len in enumerate(lens):
         start, end = cu[b], cu[b + 1]
@@ -57,9 +64,6 @@ def paged_attention_ref(
             continue
         k = gather_kv(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[b], seq_len)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         mask = None
         if 1 < q_len < seq_len:
             # Query j may see keys up to position seq_len - q_len + j (bottom-right aligned causal).
@@ -72,11 +76,12 @@ def paged_attention_ref(
         # bottom-right and top-left alignment agree) SDPA's own causal mask, not a built one.
         ob = F.scaled_dot_product_attention(
             q[start:end].transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, q_len, D]
-            k.transpose(0, 1).unsqueeze(0).float(),  # [1, Hq, S, D]
+            k.transpose(0, 1).unsqueeze(0).float(),  # [1, Hkv, S, D]
             v.transpose(0, 1).unsqueeze(0).float(),
             attn_mask=mask,
             is_causal=q_len > 1 and q_len == seq_len,
             scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
         )
         out[start:end] = ob[0].transpose(0, 1).to(q.dtype)
     return out

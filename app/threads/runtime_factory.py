@@ -20,11 +20,15 @@ log = logging.getLogger(__name__)
 
 def build_runtime(settings: Settings) -> ModelRuntime:
     """Load the configured model and start an engine on it (blocking: seconds for big models)."""
+    import os
+
     import torch
 
     from app.engine.loading.loader import resolve_model
     from app.engine.runtime.async_engine import AsyncLLMEngine
 
+    if settings.compile:  # compiled decode steps persist between runs (not a setting of ours)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "inductor"))
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = resolve_model(settings.model, settings.device, dtype, data_dir=settings.data_dir)
     engine = AsyncLLMEngine.from_loaded(
@@ -34,6 +38,7 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         max_batch_tokens=settings.max_batch_tokens,
         max_num_seqs=settings.max_num_seqs,
         residency=settings.residency,
+        compile_decode=settings.compile,
     )
     engine.start()
     log.info(

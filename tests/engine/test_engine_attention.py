@@ -12,7 +12,7 @@ from app.engine.network.attention.cpu_backend import (
     decode_key_mask,
     padded_decode_attention,
 )
-from kernels.paged_attention_ref import paged_attention_ref
+from kernels.paged_attention_ref import gather_kv, paged_attention_ref
 
 
 def test_the_backend_is_the_devices_own_unless_one_is_named():
@@ -93,4 +93,28 @@ def test_the_per_sequence_path_matches_attention_written_out():
         k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
         v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
         expected = dense_causal_attention(q[cu[b] : cu[b + 1]], k, v, 0.3)
+        torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(6, 2), (4, 4), (8, 1)])
+def test_a_short_turn_on_a_consecutive_history_reads_the_pool_in_place(num_heads, num_kv_heads):
+    """A thread whose blocks are consecutive in the pool: its keys are a view (no copy of the
+    history), grouped heads are not repeated, and the result is attention written out."""
+    gen = torch.Generator().manual_seed(num_heads + num_kv_heads)
+    num_blocks, block_size, head_dim = 30, 4, 8
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    seq_lens = [41, 23]  # 3 new tokens on 38 cached; a fresh prefill of 23
+    block_tables = torch.tensor([list(range(5, 16)), list(range(17, 23)) + [0] * 5])
+    k = gather_kv(k_cache, block_tables[0], seq_lens[0])
+    assert k.untyped_storage().data_ptr() == k_cache.untyped_storage().data_ptr()  # a view
+    cu = [0, 3, 26]
+    q = torch.randn(cu[-1], num_heads, head_dim, generator=gen)
+    got = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.35)
+    group = num_heads // num_kv_heads
+    for b, seq_len in enumerate(seq_lens):
+        blocks = block_tables[b, : -(-seq_len // block_size)]
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
+        expected = dense_causal_attention(q[cu[b] : cu[b + 1]], k, v, 0.35)
         torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=1e-5, rtol=1e-5)

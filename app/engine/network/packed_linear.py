@@ -12,9 +12,15 @@ step instead of 60; the same speed at 1 row and for long prefills). Packing the 
     group.pack()                # the engine does this once, for a float32 model on the CPU
     y_t = group.transposed(x)   # a few rows: (x W^T)^T = W x^T, [sum of out_features, rows]
 
-`transposed` is faster still for up to SMALL_BATCH rows (5-17% per product at 8 rows): oneDNN then
-streams the weight as it is, with the few rows as the small operand. Its output is feature-major,
-which suits the MLP (gate/up -> SiLU * up -> down stays feature-major; one transpose at the end).
+Under `torch.compile` (the compiled decode step, compiled_step.py) the group is called through
+the opaque op `kvthreads::packed_linear` by a handle: inductor cannot lower oneDNN's packed weights
+itself, and the staleness check (ids, pointers, versions) is done once a step outside the graph.
+
+`transposed` streams the weight as it is, with the few rows as the small operand (up to SMALL_BATCH
+rows; output feature-major). It measured 5-17% faster per product at 8 rows on an earlier run, but
+slower than the packed product at 1-8 rows on the CPUs of the speed issue (2 cores of an AMD
+EPYC, torch 2.13: 22-30 GB/s against 35-38 GB/s at one row, whole decode steps 1.2-1.9x slower),
+so the model no longer calls it; it stays for CPUs where it wins.
 
 Packing makes the members' weights views of one concatenated matrix (the checkpoint's names and
 values are unchanged), so the only extra memory is the packed copy, one per weight. That copy is
@@ -24,6 +30,9 @@ plain linears until packed again.
 """
 
 from __future__ import annotations
+
+import itertools
+import weakref
 
 import torch
 from torch import nn
@@ -53,12 +62,35 @@ def _fingerprint(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
     return [(id(t), t.data_ptr(), t._version) for t in tensors]
 
 
+_GROUPS: weakref.WeakValueDictionary[int, LinearGroup] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count()
+
+
+@torch.library.custom_op("kvthreads::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, transposed: bool) -> torch.Tensor:
+    """The packed product of the group registered as `handle`: x W^T [rows, out], or W x^T
+    [out, rows] when `transposed`. The caller has checked that the group is packed."""
+    group = _GROUPS[handle]
+    return group._transposed_product(x) if transposed else group._packed_product(x)
+
+
+@packed_linear.register_fake
+def _(x: torch.Tensor, handle: int, transposed: bool) -> torch.Tensor:
+    out_features = _GROUPS[handle].num_out_features
+    if transposed:
+        return x.new_empty(out_features, x.shape[0])
+    return x.new_empty(x.shape[0], out_features)
+
+
 class LinearGroup:
     """Linears over one input: `group(x)` returns one output per linear, in order."""
 
     def __init__(self, *linears: nn.Linear) -> None:
         self.linears = linears
         self.out_features = [linear.out_features for linear in linears]
+        self.num_out_features = sum(self.out_features)
+        self.handle = next(_HANDLES)  # kvthreads::packed_linear's name for it
+        _GROUPS[self.handle] = self
         self._weight: torch.Tensor | None = None  # the members' weights as one matrix
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._packed_from: list[tuple[int, int, int]] = []
@@ -113,17 +145,30 @@ class LinearGroup:
     def transposed(self, x: torch.Tensor) -> torch.Tensor | None:
         """W x^T for x [rows, in] (any strides): [sum of out_features, rows], feature-major.
         None unless packed and rows <= SMALL_BATCH: the caller then uses `group(x)`."""
+        if torch.compiler.is_compiling():  # packed: checked before the compiled step runs
+            if x.shape[0] > SMALL_BATCH or self._packed is None:
+                return None
+            return torch.ops.kvthreads.packed_linear(x, self.handle, True)
         if x.shape[0] > SMALL_BATCH or not self.is_packed:
             return None
+        return self._transposed_product(x)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if torch.compiler.is_compiling() and self._packed is not None:
+            out = torch.ops.kvthreads.packed_linear(x, self.handle, False)
+        elif self.is_packed:
+            out = self._packed_product(x)
+        else:
+            return [linear(x) for linear in self.linears]
+        if len(self.linears) == 1:
+            return [out]
+        return list(out.split(self.out_features, dim=-1))
+
+    def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._packed
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    def _transposed_product(self, x: torch.Tensor) -> torch.Tensor:
         out_t = torch.ops.mkldnn._linear_pointwise(self._weight, x, None, "none", [], "")
         bias = self._packed[1]
         return out_t if bias is None else out_t.add_(bias.unsqueeze(1))
-
-    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if self.is_packed:
-            weight, bias = self._packed
-            out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-            if len(self.linears) == 1:
-                return [out]
-            return list(out.split(self.out_features, dim=-1))
-        return [linear(x) for linear in self.linears]

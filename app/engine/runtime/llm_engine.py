@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from app.chat.detokenizer import Decode
+from app.engine.network.compiled_step import DEFAULT_BUCKETS, WARMUP_BUDGET_S, DecodeStepCache
 from app.engine.network.kv_pool import KVPool, num_blocks_for_budget
 from app.engine.network.model import CausalLM
 from app.engine.network.runner import ModelRunner
@@ -71,14 +72,18 @@ class LLMEngine:
         on_logits: LogitsHook | None = None,
         model_name: str = "",
         attention_backend: str | None = None,
+        compile_decode: bool = False,
+        compile_budget_s: float = WARMUP_BUDGET_S,
     ) -> None:
         """
         Give the pool's size as num_blocks or as kv_cache_mb. `attention_backend` names one
         ("triton", "torch"; see network/attention/base.py); None takes the device's own.
         `decode(ids) -> str` produces the text (without it, events carry no text and stop strings
         are refused). `check_invariants` checks the block accounting after every step (tests).
-        `on_logits(seqs, logits)` sees the logits each step samples from (tests). `model_name` goes into the identity that shared
-        KV blocks are named with, with the model's shapes, the dtype and the block size.
+        `on_logits(seqs, logits)` sees the logits each step samples from (tests). `model_name`
+        goes into the identity that shared KV blocks are named with, with the model's shapes, the
+        dtype and the block size. `compile_decode` compiles the decode step for batch sizes up to
+        max_num_seqs (network/compiled_step.py), for up to compile_budget_s here, at construction.
         """
         if (num_blocks is None) == (kv_cache_mb is None):
             raise ValueError("give exactly one of num_blocks and kv_cache_mb")
@@ -108,6 +113,11 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, self.pool.layer_caches, block_size, attention_backend=attention_backend
         )
+        if compile_decode:
+            buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+            steps = DecodeStepCache(model, self.pool.layer_caches, buckets)
+            steps.warm_up(compile_budget_s)
+            self.runner.decode_steps = steps
         self.scheduler = Scheduler(
             self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
         )

@@ -23,27 +23,36 @@ def build_runtime(settings: Settings) -> ModelRuntime:
     import torch
 
     from app.engine.loading.loader import resolve_model
+    from app.engine.network.kv_pool import plan_for_model
     from app.engine.runtime.async_engine import AsyncLLMEngine
 
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = resolve_model(settings.model, settings.device, dtype)
+    plan = plan_for_model(
+        loaded.model,
+        block_size=settings.block_size,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_mb=settings.kv_cache_mb,
+        max_batch_tokens=settings.max_batch_tokens,
+        memory_utilization=settings.gpu_memory_utilization,
+    )
     engine = AsyncLLMEngine.from_loaded(
         loaded,
-        kv_cache_mb=settings.kv_cache_mb,
+        num_blocks=plan.num_blocks,
         block_size=settings.block_size,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=plan.max_batch_tokens,
         max_num_seqs=settings.max_num_seqs,
         residency=settings.residency,
     )
-    engine.start()
     log.info(
-        "model %s on %s (%s), context %d tokens, KV pool %d MB",
+        "model %s on %s (%s), context %d tokens, %s",
         loaded.name,
         loaded.device,
         loaded.dtype,
         loaded.max_context_length,
-        settings.kv_cache_mb,
+        plan.describe(),
     )
+    engine.start()
     return runtime_for(loaded, engine, default_max_tokens=settings.default_max_tokens)
 
 

@@ -111,7 +111,7 @@ class AsyncLLMEngine:
         cls,
         loaded: Any,
         *,
-        kv_cache_mb: float,
+        kv_cache_mb: float | None = None,
         block_size: int = 16,
         max_batch_tokens: int = 2048,
         max_num_seqs: int = 16,
@@ -119,7 +119,8 @@ class AsyncLLMEngine:
         **engine_kwargs: Any,
     ) -> AsyncLLMEngine:
         """From a loaded model (anything with .model, .tokenizer.decode, .stop_token_ids and
-        .max_context_length, as `app.engine.loading.loader.resolve_model` returns)."""
+        .max_context_length, as `app.engine.loading.loader.resolve_model` returns). Give the
+        pool as kv_cache_mb or as num_blocks (in engine_kwargs)."""
         engine = LLMEngine.from_loaded(
             loaded,
             kv_cache_mb=kv_cache_mb,

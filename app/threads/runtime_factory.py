@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +52,13 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         loaded.dtype,
         loaded.max_context_length,
         plan.describe(),
+    )
+    started = time.perf_counter()
+    num_variants = engine.engine.warm_up()
+    log.info(
+        "warm-up: %d kernel variants compiled in %.1f s",
+        num_variants,
+        time.perf_counter() - started,
     )
     engine.start()
     return runtime_for(loaded, engine, default_max_tokens=settings.default_max_tokens)

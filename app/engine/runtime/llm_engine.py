@@ -114,6 +114,11 @@ class LLMEngine:
         kwargs.setdefault("max_model_len", getattr(loaded, "max_context_length", None))
         return cls(loaded.model, **kwargs)
 
+    def warm_up(self) -> int:
+        """Compile every kernel variant the engine can choose before serving (see the attention
+        backend's warm_up). Returns how many variants it launched."""
+        return self.runner.attn.warm_up(self.config.num_heads, self.max_model_len)
+
     # ---- requests --------------------------------------------------------------------------
 
     def validate_request(

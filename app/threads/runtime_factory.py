@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,8 +62,27 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         num_variants,
         time.perf_counter() - started,
     )
+    engine.on_fatal = _exit_after_fault
     engine.start()
     return runtime_for(loaded, engine, default_max_tokens=settings.default_max_tokens)
+
+
+EXIT_DEVICE_FAULT = 70  # EX_SOFTWARE: what `kvthreads serve` exits with after a device fault
+_fault: list[BaseException] = []
+
+
+def _exit_after_fault(exc: BaseException) -> None:
+    """The engine failed on a device fault: /healthz already says 503; ask the server to stop
+    (SIGTERM: uvicorn shuts down gracefully, in-flight turns roll back) and let `serve` exit
+    with EXIT_DEVICE_FAULT so a supervisor restarts the process."""
+    _fault.append(exc)
+    log.critical("device fault: stopping the server for a restart (%s)", exc)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def device_fault() -> BaseException | None:
+    """The device fault that stopped this process's engine, if one did."""
+    return _fault[0] if _fault else None
 
 
 def runtime_for(loaded: Any, engine: Any, *, default_max_tokens: int = 256) -> ModelRuntime:

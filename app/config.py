@@ -36,9 +36,11 @@ class Settings:
     model: str = DEFAULT_MODEL  # built-in or registry name, a .gguf file, or a Hugging Face folder
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    kv_cache_mb: int = 256  # size of the KV block pool
+    kv_cache_mb: int | None = None  # size of the KV block pool; None: from the device
+    gpu_memory_utilization: float = 0.9  # CUDA, no kv_cache_mb: share of free memory for KV
     block_size: int = 16  # tokens per KV block
-    max_batch_tokens: int = 512  # tokens computed in one engine step, all sequences together
+    # Tokens computed in one engine step, all sequences together; None: from the pool's size.
+    max_batch_tokens: int | None = None
     max_num_seqs: int = 32  # sequences in one engine step
     residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
     share_across_accounts: bool = False  # share KV blocks of a common prefix between accounts
@@ -123,6 +125,16 @@ def _seconds(minimum: float, maximum: float) -> Callable[[str, str], float]:
         return value
 
     return parse
+
+
+def _fraction(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not 0 < value <= 1:
+        raise ConfigError(f"{name} must be in (0, 1], got {value}")
+    return value
 
 
 def _choice(*choices: str) -> Callable[[str, str], str]:
@@ -225,6 +237,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_DEVICE": ("device", _choice("auto", "cpu", "cuda")),
     "KVTHREADS_DTYPE": ("dtype", _choice("auto", "float32", "bfloat16", "float16")),
     "KVTHREADS_KV_CACHE_MB": ("kv_cache_mb", _int(1)),
+    "KVTHREADS_GPU_MEMORY_UTILIZATION": ("gpu_memory_utilization", _fraction),
     "KVTHREADS_BLOCK_SIZE": ("block_size", _int(1, 1024)),
     "KVTHREADS_MAX_BATCH_TOKENS": ("max_batch_tokens", _int(1)),
     "KVTHREADS_MAX_NUM_SEQS": ("max_num_seqs", _int(1)),

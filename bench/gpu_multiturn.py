@@ -9,6 +9,10 @@ tied embeddings), drives `AsyncLLMEngine` with the benchmark's workload profiles
 workloads.py; token ids instead of text, no tokenizer) in `cache` and `recompute` modes, prints
 time to first token per turn for both, the fresh-token check, and decode tokens/s at
 concurrency 1 and 32. No web packages: imports are torch, the engine and the standard library.
+Python 3.11 or newer (the engine uses enum.StrEnum), as the project's pyproject says.
+
+Each engine's KV pool is freed before the next one is built: the sender holding the engine is
+dropped with it, then `free_memory()` collects and empties the CUDA cache.
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+if sys.version_info < (3, 11):  # noqa: UP036 - a GPU box may run 3.10: say so before StrEnum fails
+    sys.exit("bench/gpu_multiturn.py needs Python 3.11 or newer (the engine uses enum.StrEnum)")
 
 # Run as a script from anywhere: the repository root holds `app` and `bench` (nothing installed).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -194,7 +201,8 @@ def run_profile(model: CausalLM, name: str, args, per_token: int) -> tuple[RunRe
             runs[mode].settings["preemptions"] = stats.preemptions
         finally:
             engine.shutdown()
-        del engine
+            sender = None  # it holds the engine, and so the pool
+        del engine, sender
         free_memory()
         print(f"  {name} / {mode}: {runs[mode].wall_s:.1f} s", flush=True)
     return runs["cache"], runs["recompute"]

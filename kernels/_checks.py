@@ -7,9 +7,19 @@ without a device sync, and raise ValueError naming the argument.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def device_guard(tensor: torch.Tensor) -> contextlib.AbstractContextManager[object]:
+    """Launch under the tensor's device: Triton launches on the *current* CUDA device, which on
+    a multi-GPU host need not be the one the tensors live on."""
+    if tensor.device.type == "cuda":
+        return torch.cuda.device(tensor.device)
+    return contextlib.nullcontext()
 
 
 def require_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:

@@ -46,7 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import variants
 from kernels._checks import (
+    device_guard,
     require_dtype,
     require_kv_pool,
     require_launchable,
@@ -309,54 +311,56 @@ def paged_attention(
             (num_tokens, num_heads, num_kv_splits), dtype=torch.float32, device=q.device
         )
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    _paged_attention_kernel[(num_tiles, num_kv_heads, num_kv_splits)](
-        q,
-        k_cache,
-        v_cache,
-        out,
-        block_tables,
-        cu_seqlens_q,
-        seq_lens,
-        split_out,
-        split_lse,
-        scale * _LOG2_E,
-        num_seqs,
-        kv_split_len,
-        q.stride(0),
-        q.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        block_tables.stride(0),
-        GROUP=group,
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        BLOCK_M=block_m,
-        BLOCK_Q=block_q,
-        BLOCK_N=block_n,
-        BLOCK_SIZE=k_cache.shape[1],
-        SPLIT_KV=num_kv_splits > 1,
-        ONE_TILE_PER_SEQ=one_tile_per_seq,
-        # fp32 inputs must stay fp32 in the dot: the default (tf32) loses the 1e-5 contract.
-        DOT_PRECISION="ieee" if is_fp32 else "tf32",
-        num_warps=4,
-        num_stages=2 if is_fp32 else 3,
+    variant = _attention_variant(
+        group,
+        head_dim,
+        q.dtype,
+        k_cache.shape[1],
+        (block_m, block_q, block_n),
+        split_kv=num_kv_splits > 1,
+        one_tile_per_seq=one_tile_per_seq,
     )
-    if num_kv_splits > 1:
-        _combine_splits_kernel[(num_tokens, num_heads)](
+    variants.record(variant)
+    with device_guard(q):
+        _paged_attention_kernel[(num_tiles, num_kv_heads, num_kv_splits)](
+            q,
+            k_cache,
+            v_cache,
             out,
+            block_tables,
+            cu_seqlens_q,
+            seq_lens,
             split_out,
             split_lse,
-            num_kv_splits,
+            scale * _LOG2_E,
+            num_seqs,
+            kv_split_len,
+            q.stride(0),
+            q.stride(1),
             out.stride(0),
             out.stride(1),
-            HEAD_DIM=head_dim,
-            BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(num_kv_splits),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            block_tables.stride(0),
+            **variant.constants,
+            num_warps=variant.num_warps,
+            num_stages=variant.num_stages,
         )
+        if num_kv_splits > 1:
+            combine = _combine_variant(head_dim, num_kv_splits)
+            variants.record(combine)
+            _combine_splits_kernel[(num_tokens, num_heads)](
+                out,
+                split_out,
+                split_lse,
+                num_kv_splits,
+                out.stride(0),
+                out.stride(1),
+                **combine.constants,
+                num_warps=combine.num_warps,
+                num_stages=combine.num_stages,
+            )
     return out
 
 
@@ -384,6 +388,99 @@ def _choose_tiles(
     return block_m, block_m // group, block_n
 
 
+def _attention_variant(
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    tiles: tuple[int, int, int],
+    *,
+    split_kv: bool,
+    one_tile_per_seq: bool,
+) -> variants.Variant:
+    """The compiled variant of `_paged_attention_kernel` one launch asks for."""
+    block_m, block_q, block_n = tiles
+    is_fp32 = dtype == torch.float32
+    constexprs = {
+        "GROUP": group,
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_M": block_m,
+        "BLOCK_Q": block_q,
+        "BLOCK_N": block_n,
+        "BLOCK_SIZE": block_size,
+        "SPLIT_KV": split_kv,
+        "ONE_TILE_PER_SEQ": one_tile_per_seq,
+        # fp32 inputs must stay fp32 in the dot: the default (tf32) loses the 1e-5 contract.
+        "DOT_PRECISION": "ieee" if is_fp32 else "tf32",
+    }
+    return variants.Variant.of(
+        "paged_attention", constexprs, num_warps=4, num_stages=2 if is_fp32 else 3
+    )
+
+
+def _combine_variant(head_dim: int, num_kv_splits: int) -> variants.Variant:
+    constexprs = {
+        "HEAD_DIM": head_dim,
+        "BLOCK_D": triton.next_power_of_2(head_dim),
+        "BLOCK_S": triton.next_power_of_2(num_kv_splits),
+    }
+    return variants.Variant.of("combine_splits", constexprs, num_warps=4, num_stages=3)
+
+
+def max_kv_splits(device: torch.device, num_kv_heads: int, max_seqlen_k: int) -> int:
+    """The most key splits `paged_attention` chooses on `device` for contexts up to max_seqlen_k
+    (1: never splits)."""
+    if device.type != "cuda":
+        return 1
+    target = _TARGET_PROGRAMS_PER_SM * _num_sms(device.index or 0)
+    return max_kv_splits_for(target, num_kv_heads, max_seqlen_k)
+
+
+def max_kv_splits_for(target_programs: int, num_kv_heads: int, max_seqlen_k: int) -> int:
+    """`max_kv_splits` for a device that wants `target_programs` programs in flight."""
+    if num_kv_heads >= target_programs:
+        return 1
+    by_length = max_seqlen_k // _MIN_KEYS_PER_SPLIT
+    return max(1, min(triton.cdiv(target_programs, num_kv_heads), by_length, _MAX_SPLITS))
+
+
+def paged_attention_variants(
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    block_size: int,
+    num_kv_splits: int = 1,
+) -> list[tuple[variants.Variant, int, int]]:
+    """Every compiled variant the launcher can choose for this model shape, with a launch that
+    reaches it: (variant, max_seqlen_q, num_kv_splits). `num_kv_splits`: the most splits the
+    device takes (`max_kv_splits`); the combine kernel's variants come with the split ones.
+
+    The tiling depends on the batch only through max_seqlen_q, and only below 2 * BLOCK_M, so
+    query lengths up to 256 reach every tile."""
+    group = num_heads // num_kv_heads
+    is_fp32 = dtype == torch.float32
+    found: dict[variants.Variant, tuple[variants.Variant, int, int]] = {}
+    for max_seqlen_q in range(1, 257):
+        tiles = _choose_tiles(group, head_dim, max_seqlen_q, is_fp32)
+        for splits in sorted({1, num_kv_splits}):
+            variant = _attention_variant(
+                group,
+                head_dim,
+                dtype,
+                block_size,
+                tiles,
+                split_kv=splits > 1,
+                one_tile_per_seq=max_seqlen_q <= tiles[1],
+            )
+            found.setdefault(variant, (variant, max_seqlen_q, splits))
+    for splits in range(2, num_kv_splits + 1):
+        combine = _combine_variant(head_dim, splits)
+        found.setdefault(combine, (combine, 1, splits))
+    return list(found.values())
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -393,6 +490,10 @@ def _choose_num_splits(device: torch.device, num_programs: int, max_seqlen_k: in
     if device.type != "cuda":
         return 1  # the interpreter gains nothing from more programs
     target = _TARGET_PROGRAMS_PER_SM * _num_sms(device.index or 0)
+    return _num_splits_for(target, num_programs, max_seqlen_k)
+
+
+def _num_splits_for(target: int, num_programs: int, max_seqlen_k: int | None) -> int:
     if num_programs >= target:
         return 1
     if max_seqlen_k is None:

@@ -16,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import variants
 from kernels._checks import (
     KERNEL_DTYPES,
+    device_guard,
     require_dtype,
     require_kv_pool,
     require_launchable,
@@ -93,22 +95,42 @@ def store_kv(
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _MAX_TILE_ELEMENTS // block_d))
     grid = (num_tokens, triton.cdiv(num_kv_heads, block_h))
-    _store_kv_kernel[grid](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        k_cache.shape[0] * k_cache.shape[1],
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        NUM_KV_HEADS=num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_H=block_h,
-        BLOCK_D=block_d,
-    )
+    variant = _store_kv_variant(num_kv_heads, head_dim)
+    variants.record(variant)
+    with device_guard(key):
+        _store_kv_kernel[grid](
+            key,
+            value,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            k_cache.shape[0] * k_cache.shape[1],
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            **variant.constants,
+            num_warps=variant.num_warps,
+            num_stages=variant.num_stages,
+        )
+
+
+def _store_kv_variant(num_kv_heads: int, head_dim: int) -> variants.Variant:
+    block_d = triton.next_power_of_2(head_dim)
+    block_h = min(triton.next_power_of_2(num_kv_heads), max(1, _MAX_TILE_ELEMENTS // block_d))
+    constexprs = {
+        "NUM_KV_HEADS": num_kv_heads,
+        "HEAD_DIM": head_dim,
+        "BLOCK_H": block_h,
+        "BLOCK_D": block_d,
+    }
+    return variants.Variant.of("store_kv", constexprs, num_warps=4, num_stages=3)
+
+
+def store_kv_variants(num_kv_heads: int, head_dim: int) -> list[variants.Variant]:
+    """The compiled variants the launcher can choose for a model (one: the shape fixes it; the
+    dtypes of keys and cache specialize it too, and the engine keeps both at the model's)."""
+    return [_store_kv_variant(num_kv_heads, head_dim)]
 
 
 def _check_store_kv_args(

@@ -1,4 +1,9 @@
-"""GET /healthz: the process answers and its database does too."""
+"""GET /healthz: the process answers, its database does too, and its engine has not failed.
+
+The app answers only once the lifespan has loaded the model and warmed up its kernels, so a 200
+also means ready. After a device fault the engine has failed for good: 503, and the process
+exits non-zero for its supervisor to restart it (app/threads/runtime_factory.py).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +21,10 @@ logger = logging.getLogger("app.api")
 PING_TIMEOUT_S = 2.0
 
 
-class Health(msgspec.Struct):
+class Health(msgspec.Struct, omit_defaults=True):
     status: str  # "ok" | "unavailable"
     database: str  # "ok" | "unreachable"
+    engine: str | None = None  # "failed: <the device fault>"; absent while the engine is fine
 
 
 @get(
@@ -28,7 +34,12 @@ class Health(msgspec.Struct):
     responses={503: ResponseSpec(Health, description="the database did not answer within 2 s")},
 )
 async def healthz(state: State) -> Response[Health]:
-    """200 when the database answers a ping within 2 s, else 503."""
+    """200 when the database answers a ping within 2 s and the engine has not failed, else 503."""
+    runtime = getattr(state, "runtime", None)
+    failure = getattr(getattr(runtime, "engine", None), "failure", None)
+    if failure is not None:
+        health = Health(status="unavailable", database="ok", engine=f"failed: {failure}")
+        return Response(health, status_code=503)
     try:
         await asyncio.wait_for(ping(state.db), timeout=PING_TIMEOUT_S)
     except Exception as exc:  # noqa: BLE001 - any failure to ping means "unreachable"

@@ -30,7 +30,9 @@ def run_server(settings: Settings) -> int:
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
-    return 0
+    from app.threads.runtime_factory import EXIT_DEVICE_FAULT, device_fault
+
+    return EXIT_DEVICE_FAULT if device_fault() is not None else 0
 
 
 def _handle(settings: Settings, args: argparse.Namespace) -> int:

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,36 +28,71 @@ def build_runtime(settings: Settings) -> ModelRuntime:
     import torch
 
     from app.engine.loading.loader import resolve_model
+    from app.engine.network.kv_pool import plan_for_model
     from app.engine.runtime.async_engine import AsyncLLMEngine
 
     if settings.compile:  # compiled decode steps persist between runs (not a setting of ours)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "inductor"))
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = resolve_model(settings.model, settings.device, dtype, data_dir=settings.data_dir)
+    plan = plan_for_model(
+        loaded.model,
+        block_size=settings.block_size,
+        max_num_seqs=settings.max_num_seqs,
+        kv_cache_mb=settings.kv_cache_mb,
+        max_batch_tokens=settings.max_batch_tokens,
+        memory_utilization=settings.gpu_memory_utilization,
+    )
     engine = AsyncLLMEngine.from_loaded(
         loaded,
-        kv_cache_mb=settings.kv_cache_mb,
+        num_blocks=plan.num_blocks,
         block_size=settings.block_size,
-        max_batch_tokens=settings.max_batch_tokens,
+        max_batch_tokens=plan.max_batch_tokens,
         max_num_seqs=settings.max_num_seqs,
         residency=settings.residency,
         compile_decode=settings.compile,
     )
-    engine.start()
     log.info(
-        "model %s on %s (%s), context %d tokens, KV pool %d MB",
+        "model %s on %s (%s), context %d tokens, %s",
         loaded.name,
         loaded.device,
         loaded.dtype,
         loaded.max_context_length,
-        settings.kv_cache_mb,
+        plan.describe(),
     )
+    started = time.perf_counter()
+    num_variants = engine.engine.warm_up()
+    log.info(
+        "warm-up: %d kernel variants compiled in %.1f s",
+        num_variants,
+        time.perf_counter() - started,
+    )
+    engine.on_fatal = _exit_after_fault
+    engine.start()
     return runtime_for(
         loaded,
         engine,
         default_max_tokens=settings.default_max_tokens,
         share_across_accounts=settings.share_across_accounts,
     )
+
+
+EXIT_DEVICE_FAULT = 70  # EX_SOFTWARE: what `kvthreads serve` exits with after a device fault
+_fault: list[BaseException] = []
+
+
+def _exit_after_fault(exc: BaseException) -> None:
+    """The engine failed on a device fault: /healthz already says 503; ask the server to stop
+    (SIGTERM: uvicorn shuts down gracefully, in-flight turns roll back) and let `serve` exit
+    with EXIT_DEVICE_FAULT so a supervisor restarts the process."""
+    _fault.append(exc)
+    log.critical("device fault: stopping the server for a restart (%s)", exc)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def device_fault() -> BaseException | None:
+    """The device fault that stopped this process's engine, if one did."""
+    return _fault[0] if _fault else None
 
 
 def runtime_for(

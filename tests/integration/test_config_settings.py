@@ -17,8 +17,10 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.database_url is None
     assert settings.model == "builtin-tiny-random"
     assert (settings.device, settings.dtype) == ("auto", "auto")
-    assert (settings.kv_cache_mb, settings.block_size) == (256, 16)
-    assert (settings.max_batch_tokens, settings.max_num_seqs) == (512, 32)
+    # No pool size or step budget: both come from the device (app/engine/network/pool_sizing.py)
+    assert (settings.kv_cache_mb, settings.block_size) == (None, 16)
+    assert (settings.max_batch_tokens, settings.max_num_seqs) == (None, 32)
+    assert settings.gpu_memory_utilization == 0.9
     assert settings.residency is True
     assert (settings.max_message_bytes, settings.default_max_tokens) == (32768, 256)
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
@@ -32,6 +34,13 @@ def test_defaults_from_an_empty_environment() -> None:
     assert settings.db_statement_timeout_s == 5.0
     assert len(settings.secret) >= 32
     assert settings.from_environment == frozenset()
+
+
+@pytest.mark.parametrize("raw", ["0", "1.5", "-0.2", "most"])
+def test_gpu_memory_utilization_must_be_a_fraction(raw: str) -> None:
+    with pytest.raises(ConfigError, match="KVTHREADS_GPU_MEMORY_UTILIZATION"):
+        load_settings({"KVTHREADS_GPU_MEMORY_UTILIZATION": raw})
+    assert load_settings({"KVTHREADS_GPU_MEMORY_UTILIZATION": "0.5"}).gpu_memory_utilization == 0.5
 
 
 def test_unset_secret_is_random_per_load() -> None:

@@ -31,11 +31,18 @@ from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
-from app.engine.runtime.llm_engine import LLMEngine, NoFinishedTurn, RequestOutput
+from app.engine.runtime.llm_engine import EngineFailed, LLMEngine, NoFinishedTurn, RequestOutput
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
 from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
 
-__all__ = ["AsyncLLMEngine", "EngineClosed", "NoFinishedTurn", "ThreadInFlight", "TurnStream"]
+__all__ = [
+    "AsyncLLMEngine",
+    "EngineClosed",
+    "EngineFailed",
+    "NoFinishedTurn",
+    "ThreadInFlight",
+    "TurnStream",
+]
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +113,16 @@ class AsyncLLMEngine:
         self._closed = False
         self._streams: dict[int, TurnStream] = {}  # engine thread only: seq_id -> stream
         self._thread: threading.Thread | None = None
+        # Called once, from the engine thread, after a device fault ended the engine (the
+        # service asks its process to exit non-zero so a supervisor restarts it).
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     @classmethod
     def from_loaded(
         cls,
         loaded: Any,
         *,
-        kv_cache_mb: float,
+        kv_cache_mb: float | None = None,
         block_size: int = 16,
         max_batch_tokens: int = 2048,
         max_num_seqs: int = 16,
@@ -120,7 +130,8 @@ class AsyncLLMEngine:
         **engine_kwargs: Any,
     ) -> AsyncLLMEngine:
         """From a loaded model (anything with .model, .tokenizer.decode, .stop_token_ids and
-        .max_context_length, as `app.engine.loading.loader.resolve_model` returns)."""
+        .max_context_length, as `app.engine.loading.loader.resolve_model` returns). Give the
+        pool as kv_cache_mb or as num_blocks (in engine_kwargs)."""
         engine = LLMEngine.from_loaded(
             loaded,
             kv_cache_mb=kv_cache_mb,
@@ -294,6 +305,9 @@ class AsyncLLMEngine:
                 log.exception("engine step failed")
                 outputs = self._fail_all(exc)
             self._deliver(outputs)
+            if self.engine.failure is not None:
+                self._stop_after_fault(self.engine.failure)
+                return
             # Nothing scheduled means only a command (a commit freeing blocks) can help.
             self._may_step = self.engine.has_unfinished() and self.engine.last_num_scheduled > 0
 
@@ -356,6 +370,27 @@ class AsyncLLMEngine:
             self.engine.abort(seq_id)
             outputs.append(RequestOutput(seq_id, stream.thread_key, error=exc))
         return outputs
+
+    @property
+    def failure(self) -> BaseException | None:
+        """The device fault that ended the engine, or None."""
+        return self.engine.failure
+
+    def _stop_after_fault(self, exc: BaseException) -> None:
+        log.critical("device fault, the engine stops: %s", exc)
+        with self._lock:
+            self._closed = True
+        for stream in self._streams.values():
+            self._release(stream)
+            stream._deliver([EngineFailed(f"device fault: {exc}")])
+        self._streams.clear()
+        with self._lock:
+            self._turns.clear()
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(exc)
+            except Exception:
+                log.exception("on_fatal failed")
 
     def _stop_on_engine_thread(self) -> None:
         self.engine.abort_all()

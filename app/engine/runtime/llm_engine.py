@@ -54,6 +54,26 @@ class NoFinishedTurn(RuntimeError):
     """commit_turn for a thread without a finished turn awaiting it."""
 
 
+class DeviceFault(RuntimeError):
+    """An error after which the device cannot be trusted (raise it, or a subclass, to inject
+    one in tests; CUDA's own errors are recognised by `is_device_fault`)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine hit a device fault and serves no more turns; the process should restart."""
+
+
+_CUDA_FAULT_MARKERS = ("CUDA error", "device-side assert", "illegal memory access", "CUBLAS_STATUS")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """Whether `exc` leaves the device unusable: a CUDA error is sticky, so every later kernel
+    fails too. An out-of-memory error is not one (the allocator recovers)."""
+    if isinstance(exc, DeviceFault | torch.AcceleratorError):
+        return not isinstance(exc, torch.OutOfMemoryError)
+    return isinstance(exc, RuntimeError) and any(m in str(exc) for m in _CUDA_FAULT_MARKERS)
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -125,6 +145,7 @@ class LLMEngine:
         self._active: dict[int, Sequence] = {}  # waiting or running
         self._awaiting_commit: dict[Hashable, Sequence] = {}  # finished turns, still pinned
         self.last_num_scheduled = 0
+        self.failure: BaseException | None = None  # the device fault that ended the engine
 
     @classmethod
     def from_loaded(cls, loaded: Any, **kwargs: Any) -> LLMEngine:
@@ -136,6 +157,11 @@ class LLMEngine:
         kwargs.setdefault("max_model_len", getattr(loaded, "max_context_length", None))
         kwargs.setdefault("model_name", getattr(loaded, "name", ""))
         return cls(loaded.model, **kwargs)
+
+    def warm_up(self) -> int:
+        """Compile every kernel variant the engine can choose before serving (see the attention
+        backend's warm_up). Returns how many variants it launched."""
+        return self.runner.attn.warm_up(self.config.num_heads, self.max_model_len)
 
     # ---- requests --------------------------------------------------------------------------
 
@@ -184,6 +210,8 @@ class LLMEngine:
         self.validate_request(history_ids, new_ids, params)
         prompt = [*history_ids, *new_ids]
         with self.lock:
+            if self.failure is not None:
+                raise EngineFailed(f"the engine failed: {self.failure}") from self.failure
             lookup = self.kv.begin_turn(
                 thread_key, prompt, first_turn=first_turn, scope=share_scope
             )
@@ -283,8 +311,11 @@ class LLMEngine:
     # ---- the step --------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run, postprocess. A failure fails the scheduled requests (rolled back)."""
+        """Schedule, run, postprocess. A failure fails the scheduled requests (rolled back); a
+        device fault fails the engine: every turn is rolled back and fails, nothing runs again."""
         with self.lock:
+            if self.failure is not None:
+                return []
             batch = self.scheduler.schedule()
             self.last_num_scheduled = len(batch)
             if not batch.seqs:
@@ -297,6 +328,8 @@ class LLMEngine:
         try:
             sample_seqs, token_ids = self._run(batch)
         except Exception as exc:  # every scheduled request gets the error
+            if is_device_fault(exc):
+                return self._fail_engine(exc)
             with self.lock:
                 outputs = [self._fail(seq, exc) for seq in batch.seqs]
                 self._maybe_check()
@@ -381,6 +414,21 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.finished = time.perf_counter()
         self.kv.finish_turn(seq.thread_key, seq.computed_ids())
+
+    def _fail_engine(self, exc: BaseException) -> list[RequestOutput]:
+        """A device fault: stop for good. Every turn in flight rolls back and fails; finished
+        turns awaiting commit roll back too (their commit then finds nothing)."""
+        with self.lock:
+            self.failure = exc
+            error = EngineFailed(f"device fault: {exc}")
+            error.__cause__ = exc
+            outputs = [
+                RequestOutput(seq.seq_id, seq.thread_key, error=error)
+                for seq in self._active.values()
+            ]
+            self.abort_all()
+            self._maybe_check()
+            return outputs
 
     def _fail(self, seq: Sequence, exc: BaseException) -> RequestOutput:
         if seq.seq_id in self._active:

@@ -59,7 +59,8 @@ class Sequence:
         self.finish_reason: str | None = None
         # Its own generator, so a seeded sequence samples the same tokens alone or batched.
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator(device=device)
+        # On the CPU whatever the model's device: a draw is then a host op, not a launch.
+        self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(seed)
         self.detokenizer = (
             IncrementalDetokenizer(decode, prompt_ids, params.stop) if decode is not None else None

@@ -79,6 +79,12 @@ class AttentionBackend(ABC):
     def finish_step(self) -> None:
         """The step's forward pass finished (a pass that raised half way never gets here)."""
 
+    def warm_up(self, num_heads: int, max_model_len: int) -> int:
+        """Compile ahead whatever the backend would otherwise compile on first use, for queries
+        of `num_heads` heads and contexts up to max_model_len. Returns the number of compiled
+        variants launched (0: nothing to compile)."""
+        return 0
+
 
 # backend name -> "module:class" in this package, imported on first use: the Triton kernels (and
 # triton) load only where they serve. "torch" (the pure-torch references) serves any device.

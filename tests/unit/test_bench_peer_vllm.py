@@ -1,0 +1,76 @@
+"""The peer benchmark's pure logic (bench/peer_vllm.py), without vLLM or a server."""
+
+from __future__ import annotations
+
+import math
+
+from bench.multiturn.records import TurnRecord
+from bench.multiturn.workloads import user_text
+from bench.peer_vllm import (
+    build_conversations,
+    chat_template,
+    decode_rate,
+    format_report,
+    summarize,
+)
+
+
+def _record(conversation: int, turn: int, ttft: float, total: float, cached: int) -> TurnRecord:
+    return TurnRecord(
+        conversation=conversation,
+        turn=turn,
+        user_tokens=60,
+        max_tokens=32,
+        ttft_s=ttft,
+        total_s=total,
+        input_tokens=100 * turn,
+        cached_tokens=cached,
+        output_tokens=32,
+    )
+
+
+def test_conversations_are_seeded_and_fixed_shape():
+    a = build_conversations(4, num_turns=20, user_tokens=60, reply_tokens=32)
+    assert a == build_conversations(4, num_turns=20, user_tokens=60, reply_tokens=32)
+    assert len({c.seed for c in a}) == 4
+    assert all(len(c.turns) == 20 for c in a)
+    assert {(t.user_tokens, t.max_tokens) for c in a for t in c.turns} == {(60, 32)}
+    assert all(len(user_text(a[0], t)) == 60 for t in range(1, 21))
+
+
+def test_decode_rate_excludes_time_to_first_token():
+    assert decode_rate(_record(0, 1, 0.5, 2.5, 0)) == 16.0
+    assert math.isnan(decode_rate(_record(0, 1, 1.0, 1.0, 0)))
+    assert math.isnan(decode_rate(TurnRecord(conversation=0, turn=1, user_tokens=1, max_tokens=1)))
+
+
+def test_summary_medians_ratio_and_table():
+    records = [
+        _record(c, t, ttft=0.01 * t + 0.01 * c, total=1.0 + 0.01 * t, cached=90 * (t > 1))
+        for c in range(2)
+        for t in range(1, 21)
+    ]
+    s = summarize("kvthreads", 2, records, wall_s=10.0)
+    assert s.num_turns == 40 and s.errors == 0 and s.output_tokens == 40 * 32
+    assert math.isclose(s.ttft_by_turn[5], 0.055)
+    assert math.isclose(s.ttft_ratio(20, 5), 0.205 / 0.055)
+    assert math.isclose(s.ttft_late_median, (0.12 + 0.13) / 2)  # turns 4..20 of two conversations
+    assert s.cached_by_turn[1] == 0 and s.cached_by_turn[2] == 90
+    assert s.aggregate_tokens_per_s == 128.0
+    text = format_report([s, summarize("vllm", 2, records, wall_s=20.0)])
+    assert "kvthreads TTFT ms" in text and "vllm cached" in text
+    lines = text.splitlines()
+    assert lines[2].startswith("| turn") and len(lines[2]) == len(lines[3])  # padded columns
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
+    assert ["vllm", "2", "125", "3.73", "32.2", "64.0", "1280", "0"] in cells
+
+
+def test_chat_template_is_the_builtin_format():
+    template = chat_template(("<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"))
+    import jinja2
+
+    text = jinja2.Template(template).render(
+        messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}],
+        add_generation_prompt=True,
+    )
+    assert text == "<|bos|><|user|>hi<|end|><|assistant|>yo<|end|><|assistant|>"

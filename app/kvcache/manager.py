@@ -619,6 +619,15 @@ class KVCacheManager:
     def _lru_remove(self, entry: ThreadCache) -> None:
         self._lru.pop(entry.key, None)
 
+    def evict(self, key: Hashable) -> bool:
+        """Evict one unpinned resident thread now, as if the LRU had chosen it (tests and
+        benchmarks: move a thread down a tier). False if it is not resident or is pinned."""
+        if key not in self._lru:
+            return False
+        self._lru.move_to_end(key, last=False)
+        self._evict_lru()
+        return True
+
     def _evict_lru(self) -> None:
         key, _ = self._lru.popitem(last=False)
         entry = self._threads.pop(key)

@@ -254,6 +254,11 @@ class AsyncLLMEngine:
     def tier_stats(self) -> TierStats:
         return self.engine.tier_stats()
 
+    async def move_down(self, thread_key: Hashable) -> bool:
+        """Evict an idle resident thread down one tier now (LLMEngine.move_down), on the
+        engine thread."""
+        return await self._call(partial(self.engine.move_down, thread_key))
+
     def thread_state(self, thread_key: Hashable) -> ThreadCacheState:
         return self.engine.thread_state(thread_key)
 

@@ -345,6 +345,17 @@ class LLMEngine:
                 tier=tier.value,
             )
 
+    def move_down(self, thread_key: Hashable) -> bool:
+        """Evict a resident, idle thread now (to the host tier, or disk, or gone), as memory
+        pressure would (tests and benchmarks). False if it is not resident or is in flight."""
+        with self.lock:
+            return self.kv.evict(thread_key)
+
+    def flush_disk(self, timeout: float | None = None) -> bool:
+        """Wait for the queued disk writes and deletes (tests and benchmarks)."""
+        store = self.tiers.store
+        return True if store is None else store.flush(timeout)
+
     def tier_stats(self) -> TierStats:
         with self.lock:
             return self.tiers.stats()

@@ -208,7 +208,9 @@ async def _play_mode(
             settings=settings,
         )
         after = await _counters(client)
-    counters = {k: after[k] - before.get(k, 0) for k in after if k.endswith("_total")}
+    counters = {  # counters, labelled ones included (name{labels})
+        k: after[k] - before.get(k, 0) for k in after if k.split("{")[0].endswith("_total")
+    }
     run.settings["server_counters"] = counters
     for name in ("evictions", "preemptions"):
         if f"kvthreads_kv_{name}_total" in counters:

@@ -43,6 +43,11 @@ class Settings:
     max_batch_tokens: int | None = None
     max_num_seqs: int = 32  # sequences in one engine step
     residency: bool = True  # keep a thread's KV between turns; off: recompute every turn
+    # The KV tiers below the device pool (README, "KV tiers"). None: chosen for the machine at
+    # start (app/threads/runtime_factory.py tier_budgets); 0: the tier is off.
+    host_cache_mb: int | None = None  # host memory for threads evicted from the device pool
+    disk_cache_mb: int | None = None  # disk snapshots for threads evicted from host memory
+    disk_cache_dir: Path | None = None  # None: DATA_DIR/kv
     share_across_accounts: bool = False  # share KV blocks of a common prefix between accounts
     compile: bool = False  # compile the decode step (torch.compile); cache under DATA_DIR/inductor
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
@@ -221,6 +226,12 @@ def _folder(name: str, raw: str) -> Path:
     return Path(raw.strip()).expanduser().resolve()
 
 
+def _mb_or_auto(name: str, raw: str) -> int | None:
+    if raw.strip().lower() == "auto":
+        return None
+    return _int(0)(name, raw)
+
+
 def _pg_bindir(name: str, raw: str) -> str | None:
     value = raw.strip()
     if not value:
@@ -242,6 +253,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_MAX_BATCH_TOKENS": ("max_batch_tokens", _int(1)),
     "KVTHREADS_MAX_NUM_SEQS": ("max_num_seqs", _int(1)),
     "KVTHREADS_RESIDENCY": ("residency", _on_off),
+    "KVTHREADS_HOST_CACHE_MB": ("host_cache_mb", _mb_or_auto),
+    "KVTHREADS_DISK_CACHE_MB": ("disk_cache_mb", _mb_or_auto),
+    "KVTHREADS_DISK_CACHE_DIR": ("disk_cache_dir", _folder),
     "KVTHREADS_SHARE_ACROSS_ACCOUNTS": ("share_across_accounts", _on_off),
     "KVTHREADS_COMPILE": ("compile", _on_off),
     "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),

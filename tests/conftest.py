@@ -134,8 +134,9 @@ async def db_session(db_sessions: async_sessionmaker[AsyncSession]) -> AsyncIter
 
 
 @pytest.fixture
-def settings(db_url: str) -> Settings:
-    return load_settings({"DATABASE_URL": db_url})
+def settings(db_url: str, tmp_path: Path) -> Settings:
+    # KV snapshots of this test's apps go to its own folder, never into the checkout's .data.
+    return load_settings({"DATABASE_URL": db_url, "KVTHREADS_DISK_CACHE_DIR": str(tmp_path / "kv")})
 
 
 @pytest.fixture

@@ -5,7 +5,9 @@ Two sources:
   output. They survive restarts and agree across server processes sharing the database.
 - this process's KV cache counters (the engine's stats()): hits, misses by reason, evictions,
   tokens served from the cache and computed, resident and pinned threads, blocks in use, and
-  sharing: blocks held by several threads, logical versus unique KV tokens.
+  sharing: blocks held by several threads, logical versus unique KV tokens; and the KV tiers
+  (device, host, disk): bytes and threads held, hits, offloads and restores (count, bytes,
+  seconds), evictions, disk snapshots refused by reason.
   Counters restart at zero with the process, as Prometheus expects of counters.
 
 Not authenticated: it reveals volumes, not content. Bind it to a private network in production
@@ -15,6 +17,7 @@ Not authenticated: it reveals volumes, not content. Bind it to a private network
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from litestar import MediaType, Response, get
 from litestar.datastructures import State
@@ -108,6 +111,47 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
     )
 
 
+def _add_tiers(out: Exposition, stats: Any) -> None:
+    """The engine's tier_stats() (app/engine/runtime/kv_hierarchy.py TierStats), duck-typed."""
+    tiers = stats.tiers.items()
+    out.add("kvthreads_kv_tier_bytes", "gauge", "KV bytes held, by tier.",
+            (({"tier": t}, s.bytes) for t, s in tiers))  # fmt: skip
+    out.add("kvthreads_kv_tier_capacity_bytes", "gauge", "KV bytes each tier may hold.",
+            (({"tier": t}, s.capacity_bytes) for t, s in tiers))  # fmt: skip
+    out.add("kvthreads_kv_tier_threads", "gauge", "Threads whose KV is held, by tier.",
+            (({"tier": t}, s.threads) for t, s in tiers))  # fmt: skip
+    families = (
+        ("kvthreads_kv_tier_hits_total", "counter",
+         "Turns whose cached tokens came from the tier.", stats.hits),
+        ("kvthreads_kv_offloads_total", "counter",
+         "Threads moved down into the tier.", stats.offloads),
+        ("kvthreads_kv_offload_bytes_total", "counter",
+         "KV bytes copied down into the tier (blocks it already held are not copied).",
+         stats.offload_bytes),
+        ("kvthreads_kv_offload_seconds_total", "counter",
+         "Seconds spent moving threads down into the tier (disk: queuing the write).",
+         stats.offload_seconds),
+        ("kvthreads_kv_restores_total", "counter",
+         "Threads copied back from the tier into the device pool.", stats.restores),
+        ("kvthreads_kv_restore_bytes_total", "counter",
+         "KV bytes copied back from the tier.", stats.restore_bytes),
+        ("kvthreads_kv_restore_seconds_total", "counter",
+         "Seconds spent restoring from the tier (disk: reading and checking included).",
+         stats.restore_seconds),
+        ("kvthreads_kv_tier_evictions_total", "counter",
+         "Threads pushed out of the tier (down one, or out of the last: recomputed).",
+         stats.evictions),
+    )  # fmt: skip
+    for name, kind, help_text, values in families:
+        out.add(name, kind, help_text, (({"tier": t}, v) for t, v in values.items()))
+    out.add(
+        "kvthreads_kv_snapshots_refused_total",
+        "counter",
+        "Disk snapshots refused and deleted, by reason.",
+        (({"reason": r}, n) for r, n in sorted(stats.snapshots_refused.items())),
+    )
+
+
 @get(
     "/metrics",
     operation_id="metrics",
@@ -135,5 +179,8 @@ async def metrics(state: State, billing: NamedDependency[BillingService]) -> Res
             for kind in ("cached", "fresh", "output")
         ),
     )
-    _add_engine(out, state.runtime.engine.stats())  # app.state.runtime: the ModelRuntime
+    engine = state.runtime.engine  # app.state.runtime: the ModelRuntime
+    _add_engine(out, engine.stats())
+    if (tier_stats := getattr(engine, "tier_stats", None)) is not None:
+        _add_tiers(out, tier_stats())
     return Response(out.text(), media_type=CONTENT_TYPE)

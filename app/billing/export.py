@@ -27,6 +27,9 @@ SUM_COLUMNS = (
     "cost",
     "cost_without_cache",
     "saved",
+    "cached_device_tokens",
+    "cached_host_tokens",
+    "cached_disk_tokens",
 )
 
 
@@ -47,6 +50,9 @@ def sums_values(sums: UsageSums) -> dict[str, int | float | str | None]:
         "cost": money(sums.cost),
         "cost_without_cache": money(sums.cost_without_cache),
         "saved": money(sums.saved),
+        "cached_device_tokens": sums.cached_device_tokens,
+        "cached_host_tokens": sums.cached_host_tokens,
+        "cached_disk_tokens": sums.cached_disk_tokens,
     }
 
 

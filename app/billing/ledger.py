@@ -42,6 +42,7 @@ def usage_row(
     miss_reason: str | None,
     timings: Mapping[str, float],
     idempotency_key: str | None = None,
+    cache_tier: str | None = None,
 ) -> UsageRecord:
     """The turn's ledger row, its cost computed from `unit`; `timings` in seconds (queue_s,
     ttft_s, total_s; any may be missing) are stored in milliseconds."""
@@ -57,6 +58,7 @@ def usage_row(
         model=model,
         **dataclasses.asdict(tokens),
         miss_reason=miss_reason,
+        cache_tier=cache_tier if tokens.cached_tokens else None,
         price_fresh_input=unit.fresh_input,
         price_cached_input=unit.cached_input,
         price_output=unit.output,

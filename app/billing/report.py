@@ -102,6 +102,13 @@ class UsageSums:
     output_tokens: int
     cost: Decimal
     cost_without_cache: Decimal
+    # Of cached_tokens, those restored from the host and disk tiers (the rest: the device).
+    cached_host_tokens: int = 0
+    cached_disk_tokens: int = 0
+
+    @property
+    def cached_device_tokens(self) -> int:
+        return self.cached_tokens - self.cached_host_tokens - self.cached_disk_tokens
 
     @property
     def saved(self) -> Decimal:
@@ -117,6 +124,8 @@ class UsageSums:
                 self.output_tokens + other.output_tokens,
                 self.cost + other.cost,
                 self.cost_without_cache + other.cost_without_cache,
+                self.cached_host_tokens + other.cached_host_tokens,
+                self.cached_disk_tokens + other.cached_disk_tokens,
             )
 
     @property
@@ -140,6 +149,12 @@ class Report:
     group_by: GroupBy
     rows: list[ReportRow]
     totals: UsageSums
+
+
+def _cached_from(tier: str):
+    return func.coalesce(
+        func.sum(UsageRecord.cached_tokens).filter(UsageRecord.cache_tier == tier), 0
+    )
 
 
 def _group_key(group_by: GroupBy):
@@ -177,6 +192,8 @@ async def build_report(
                 + UsageRecord.output_tokens * UsageRecord.price_output
             )
             * literal(PER_MILLION),
+            _cached_from("host"),
+            _cached_from("disk"),
         )
         .where(
             UsageRecord.account_id == account_id,

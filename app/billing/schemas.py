@@ -24,6 +24,10 @@ class ReportSums(msgspec.Struct, kw_only=True):
     cost: str  # exact decimal
     cost_without_cache: str  # every input token at the fresh price
     saved: str  # cost_without_cache - cost
+    # cached_tokens by the KV tier they were served from
+    cached_device_tokens: int = 0
+    cached_host_tokens: int = 0
+    cached_disk_tokens: int = 0
 
 
 class ReportRow(ReportSums, kw_only=True):

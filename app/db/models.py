@@ -171,6 +171,7 @@ class UsageRecord(Base):
         ),
         CheckConstraint("shared_tokens BETWEEN 0 AND cached_tokens", name="shared_within_cached"),
         CheckConstraint("cost >= 0", name="cost_not_negative"),
+        CheckConstraint("cache_tier IN ('device', 'host', 'disk')", name="cache_tier_known"),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True, default=partial(ids.new_id, ids.USAGE))
@@ -188,6 +189,8 @@ class UsageRecord(Base):
     miss_reason: Mapped[str | None] = mapped_column(Text)
     # Of cached_tokens, those served from KV blocks shared with other threads.
     shared_tokens: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # Where cached_tokens came from: device, host or disk (the KV tiers); None: nothing cached.
+    cache_tier: Mapped[str | None] = mapped_column(Text)
     price_fresh_input: Mapped[Decimal] = mapped_column(MONEY, nullable=False)  # per 1M tokens
     price_cached_input: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     price_output: Mapped[Decimal] = mapped_column(MONEY, nullable=False)

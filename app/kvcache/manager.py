@@ -96,16 +96,20 @@ class KVCacheManager:
         identity: bytes = b"",
         copy_block: CopyBlock | None = None,
         clock: Callable[[], float] = time.monotonic,
+        on_evict: Callable[[ThreadCache], None] | None = None,
     ) -> None:
         """`identity` names the model and the KV layout: blocks are shared only between
         threads of the same identity and scope. `copy_block(src, dst)` copies a block's KV
-        (the engine's pool); without it copies are only counted (bookkeeping tests)."""
+        (the engine's pool); without it copies are only counted (bookkeeping tests).
+        `on_evict(entry)` sees a thread evicted for room while its blocks still hold its KV
+        (the engine moves it down a tier); it must not allocate from this manager."""
         self.pool = BlockPool(num_blocks, block_size)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.residency = residency
         self.identity = identity
         self.copy_block = copy_block
+        self.on_evict = on_evict
         self._clock = clock
         self._threads: dict[Hashable, ThreadCache] = {}
         self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unpinned, with blocks; LRU first
@@ -286,6 +290,56 @@ class KVCacheManager:
             del self._threads[key]
         self._ever_held.discard(key)
 
+    def adopt(
+        self, key: Hashable, token_ids: Sequence[int], *, scope: Hashable | None = None
+    ) -> list[tuple[int, int]] | None:
+        """A restore: a thread that holds no blocks gets blocks for token_ids, whose KV the
+        caller then copies in (from the host or the disk tier). Full blocks another thread
+        already holds (same scope, same prefix: found by hash) are shared instead. Returns
+        (index in token_ids' blocks, block id) of every block to fill, or None (nothing
+        taken) when the pool has no room. The thread is parked as the most recently used."""
+        if key in self._threads:
+            raise ValueError(f"thread {key!r} already holds KV")
+        if not token_ids or not self.residency:
+            return None
+        root = root_hash(self.identity, scope) if scope is not None else None
+        hashes: list[BlockHash] = []
+        if root is not None:
+            extend_hashes(hashes, root, token_ids, self.block_size)
+        num_blocks = self.pool.blocks_for(len(token_ids))
+        table: list[int | None] = [None] * num_blocks
+        for i, block_hash in enumerate(hashes):
+            found = self.pool.lookup(block_hash)
+            if found is not None:
+                self.pool.acquire(found)  # taken before _make_room can reuse it
+                table[i] = found
+        missing = [i for i, b in enumerate(table) if b is None]
+        # Held, pinned and out of the LRU while room is made: its found blocks are not evictable.
+        entry = ThreadCache(key, root=root, pinned=True)
+        entry.block_table = [b for b in table if b is not None]
+        self._threads[key] = entry
+        if not self._make_room(len(missing)):
+            del self._threads[key]
+            self.pool.free(entry.block_table)
+            return None
+        fresh = self.pool.allocate(len(missing))
+        for i, block_id in zip(missing, fresh, strict=True):
+            table[i] = block_id
+        entry.block_table = [b for b in table if b is not None]
+        entry.token_ids = list(token_ids)
+        entry.pinned = False
+        if root is not None:
+            self._name_full_blocks(entry, entry.token_ids)
+        self._ever_held.add(key)
+        self._park(entry)
+        return list(zip(missing, fresh, strict=True))
+
+    def recount_miss(self, counted: MissReason, instead: MissReason) -> None:
+        """A turn's miss was counted as `counted`, but the caller knows better (e.g. its disk
+        snapshot was refused: `snapshot_invalid` rather than `restarted`)."""
+        self._misses[counted.value] -= 1
+        self._misses[instead.value] += 1
+
     def note_computed(self, num_tokens: int) -> None:
         self._computed_tokens += num_tokens
 
@@ -351,6 +405,18 @@ class KVCacheManager:
 
     # ---- inspection ----------------------------------------------------------------------
 
+    def holds(self, key: Hashable) -> bool:
+        """Whether the thread has an entry here (blocks, or a turn in flight)."""
+        return key in self._threads
+
+    def threads(self) -> list[Hashable]:
+        """Every thread with an entry (resident or in flight)."""
+        return list(self._threads)
+
+    def peek(self, key: Hashable) -> ThreadCache | None:
+        """The thread's entry, read-only (the KV hierarchy reads what it moves down)."""
+        return self._threads.get(key)
+
     def is_pinned(self, key: Hashable) -> bool:
         entry = self._threads.get(key)
         return entry is not None and entry.pinned
@@ -382,6 +448,7 @@ class KVCacheManager:
             num_blocks=len(entry.block_table),
             last_used=entry.last_used,
             shared_tokens=shared,
+            tier="device" if entry.block_table else None,
         )
 
     def stats(self) -> KVCacheStats:
@@ -552,8 +619,19 @@ class KVCacheManager:
     def _lru_remove(self, entry: ThreadCache) -> None:
         self._lru.pop(entry.key, None)
 
+    def evict(self, key: Hashable) -> bool:
+        """Evict one unpinned resident thread now, as if the LRU had chosen it (tests and
+        benchmarks: move a thread down a tier). False if it is not resident or is pinned."""
+        if key not in self._lru:
+            return False
+        self._lru.move_to_end(key, last=False)
+        self._evict_lru()
+        return True
+
     def _evict_lru(self) -> None:
         key, _ = self._lru.popitem(last=False)
         entry = self._threads.pop(key)
+        if self.on_evict is not None:
+            self.on_evict(entry)  # its blocks still hold its KV: moved down a tier
         self.pool.free(entry.block_table)
         self._evictions += 1

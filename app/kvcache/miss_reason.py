@@ -13,3 +13,6 @@ class MissReason(StrEnum):
     RESTARTED = "restarted"  # the process never held it (the server restarted since)
     MISMATCH = "mismatch"  # cached tokens were not a prefix of the log
     DISABLED = "disabled"  # residency is turned off (the recompute mode of the benchmark)
+    # Its KV was on disk but the snapshot failed a check (other model or layout, tokens not a
+    # prefix of the log, a bad checksum, a truncated file): deleted, the history recomputed.
+    SNAPSHOT_INVALID = "snapshot_invalid"

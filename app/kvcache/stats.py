@@ -42,3 +42,4 @@ class ThreadCacheState:
     num_blocks: int
     last_used: float | None  # clock() of the last commit/rollback; None if never released
     shared_tokens: int = 0  # of cached_tokens, those in blocks other threads hold too
+    tier: str | None = None  # where its KV lives: device, host, disk; None: nowhere

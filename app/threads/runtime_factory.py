@@ -9,16 +9,40 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from app.config import Settings
 from app.threads.ports import ModelRuntime
 
 log = logging.getLogger(__name__)
+
+
+MAX_AUTO_HOST_MB = 8192
+MAX_AUTO_DISK_MB = 16384
+
+
+def tier_budgets(settings: Settings, pool_mb: int) -> tuple[int, Path, int]:
+    """(host MB, disk folder, disk MB) of the KV tiers. Unset budgets suit the machine: host
+    memory 4x the KV pool (pool_mb), at most a quarter of the RAM (and 8 GiB); disk a quarter of the free
+    space where the snapshots go, at most 16 GiB."""
+    folder = settings.disk_cache_dir or settings.data_dir / "kv"
+    host = settings.host_cache_mb
+    if host is None:
+        ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+        host = min(4 * pool_mb, ram_mb // 4, MAX_AUTO_HOST_MB)
+    disk = settings.disk_cache_mb
+    if disk is None:
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        disk = min(shutil.disk_usage(existing).free // 2**20 // 4, MAX_AUTO_DISK_MB)
+    return host, folder, disk
 
 
 def build_runtime(settings: Settings) -> ModelRuntime:
@@ -43,6 +67,7 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         max_batch_tokens=settings.max_batch_tokens,
         memory_utilization=settings.gpu_memory_utilization,
     )
+    host_mb, disk_dir, disk_mb = tier_budgets(settings, plan.pool_bytes // 2**20)
     engine = AsyncLLMEngine.from_loaded(
         loaded,
         num_blocks=plan.num_blocks,
@@ -51,14 +76,20 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         max_num_seqs=settings.max_num_seqs,
         residency=settings.residency,
         compile_decode=settings.compile,
+        host_cache_mb=host_mb,
+        disk_cache_dir=disk_dir if disk_mb else None,
+        disk_cache_mb=disk_mb,
     )
     log.info(
-        "model %s on %s (%s), context %d tokens, %s",
+        "model %s on %s (%s), context %d tokens, %s, host tier %d MB, disk tier %d MB in %s",
         loaded.name,
         loaded.device,
         loaded.dtype,
         loaded.max_context_length,
         plan.describe(),
+        host_mb,
+        disk_mb,
+        disk_dir,
     )
     started = time.perf_counter()
     num_variants = engine.engine.warm_up()

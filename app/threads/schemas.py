@@ -59,9 +59,10 @@ class Response(msgspec.Struct, kw_only=True):
 class CacheState(Response, kw_only=True):
     """Where the thread's KV cache stands in this server process."""
 
-    resident: bool
-    cached_tokens: int
+    resident: bool  # on the device now
+    cached_tokens: int  # tokens whose KV is kept, in whichever tier
     shared_tokens: int = 0  # of cached_tokens, those in KV blocks other threads hold too
+    tier: Literal["device", "host", "disk"] | None = None  # where it is kept; null: nowhere
 
 
 class Thread(Response, kw_only=True):
@@ -119,6 +120,7 @@ class Usage(Response, kw_only=True):
 
 class TurnCache(Response, kw_only=True):
     hit: bool
+    tier: Literal["device", "host", "disk"] | None = None  # where the cached tokens came from
     miss_reason: str | None
     shared_tokens: int = 0  # of usage.cached_tokens, those from blocks shared with other threads
 

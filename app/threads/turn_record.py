@@ -96,6 +96,7 @@ class TurnRecorder:
             miss_reason=None if counts.miss_reason is None else counts.miss_reason.value,
             timings=finish.timings,
             idempotency_key=turn.idempotency_key,
+            cache_tier=getattr(counts, "cache_tier", None),
         )
 
 

@@ -68,6 +68,7 @@ def turn_result_view(
         usage=usage_view(usage),
         cache=schemas.TurnCache(
             hit=usage.miss_reason is None,
+            tier=usage.cache_tier,
             miss_reason=usage.miss_reason,
             shared_tokens=usage.shared_tokens,
         ),
@@ -84,5 +85,6 @@ def thread_detail(row: models.Thread, state: Any) -> schemas.ThreadDetail:
             resident=bool(state.resident),
             cached_tokens=int(state.cached_tokens),
             shared_tokens=int(getattr(state, "shared_tokens", 0)),
+            tier=getattr(state, "tier", None) or ("device" if state.resident else None),
         ),
     )

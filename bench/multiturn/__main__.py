@@ -151,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-warmup", action="store_true", help="skip the unmeasured warm-up turns"
     )
+    parser.add_argument(
+        "--tiers",
+        choices=("on", "off", "both"),
+        default="both",
+        help="the KV tiers (host memory, disk) of the cache instances: on (default budgets), "
+        "off (KVTHREADS_HOST_CACHE_MB=0, KVTHREADS_DISK_CACHE_MB=0), or both: pressure also "
+        "runs on a cache instance with them off, side by side (default both)",
+    )
     return parser
 
 
@@ -179,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir=args.out,
         plot_copy=args.plot_copy,
         warmup=not args.no_warmup,
+        tiers=args.tiers,
     )
     if args.from_json is not None:
         return _report_only(args.from_json, args.plot_copy)

@@ -110,6 +110,8 @@ class SuiteOptions:
     out_dir: Path = Path("bench/out")
     plot_copy: Path | None = None  # also write the plot here (the README's copy)
     warmup: bool = True
+    # KV tiers of the cache instances: on, off, or both (pressure also on a tiers-off instance).
+    tiers: str = "both"
 
     def concurrency_for(self, profile: str) -> int:
         return self.concurrency or DEFAULT_CONCURRENCY.get(profile, 4)
@@ -206,7 +208,9 @@ async def _play_mode(
             settings=settings,
         )
         after = await _counters(client)
-    counters = {k: after[k] - before.get(k, 0) for k in after if k.endswith("_total")}
+    counters = {  # counters, labelled ones included (name{labels})
+        k: after[k] - before.get(k, 0) for k in after if k.split("{")[0].endswith("_total")
+    }
     run.settings["server_counters"] = counters
     for name in ("evictions", "preemptions"):
         if f"kvthreads_kv_{name}_total" in counters:
@@ -277,6 +281,13 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
                 log(f"bench: {name} / {mode}: done in {runs[mode].wall_s:.1f} s", flush=True)
             pairs.append((runs["cache"], runs["recompute"]))
             log("\n" + format_profile(*pairs[-1]) + "\n", flush=True)
+            tiers_off_url = urls[_pool_of(name)].get(TIERS_OFF)
+            if name == "pressure" and tiers_off_url:
+                log(f"bench: {name} / cache, tiers off: {workload.num_turns} turns ...", flush=True)
+                off = asyncio.run(_play_mode(workload, "cache", tiers_off_url, options, {}))
+                meta["tiers_compare"] = {"on": history_reuse(runs["cache"]),
+                                         "off": history_reuse(off)}  # fmt: skip
+                log(format_tiers_compare(meta["tiers_compare"], runs["cache"], off), flush=True)
     meta["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     json_path = options.out_dir / f"multiturn-{stamp}.json"
     json_path.write_text(
@@ -286,6 +297,58 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
     )
     plot_path = _plot(pairs, options, meta, stamp)
     return SuiteResult(meta=meta, pairs=pairs, json_path=json_path, plot_path=plot_path)
+
+
+TIERS_OFF = "cache-tiers-off"
+TIERS_OFF_SETTINGS = {"KVTHREADS_HOST_CACHE_MB": "0", "KVTHREADS_DISK_CACHE_MB": "0"}
+
+
+def history_reuse(run: RunResult) -> dict:
+    """Of the turns after a conversation's first, how many reused their whole history's KV
+    (cached >= the previous turn's input + output - 1), and the history tokens recomputed."""
+    by_conversation: dict[int, list] = {}
+    for record in run.turns:
+        by_conversation.setdefault(record.conversation, []).append(record)
+    turns = reused = recomputed = 0
+    for records in by_conversation.values():
+        records.sort(key=lambda r: r.turn)
+        for prev, record in zip(records, records[1:], strict=False):
+            if not (prev.ok and record.ok):
+                continue
+            history = prev.input_tokens + prev.output_tokens - 1
+            turns += 1
+            reused += record.cached_tokens >= history
+            recomputed += max(0, history - record.cached_tokens)
+    return {
+        "turns": turns,
+        "reused": reused,
+        "reused_fraction": reused / turns if turns else None,
+        "history_tokens_recomputed": recomputed,
+    }
+
+
+def _tier_hits_name(tier: str) -> str:
+    return 'kvthreads_kv_tier_hits_total{tier="' + tier + '"}'
+
+
+def format_tiers_compare(compare: dict, on: RunResult, off: RunResult) -> str:
+    lines = ["pressure, KV tiers on vs off (cache mode, same workload):"]
+    for name, run in (("on", on), ("off", off)):
+        c = compare[name]
+        counters = run.settings.get("server_counters", {})
+        hits = ", ".join(
+            f"{tier} {int(counters.get(_tier_hits_name(tier), 0))}"
+            for tier in ("device", "host", "disk")
+        )
+        fraction = c["reused_fraction"]
+        lines.append(
+            f"  tiers {name:>3}: {c['reused']}/{c['turns']} later turns reused their history "
+            f"({(fraction or 0) * 100:.0f}%), {c['history_tokens_recomputed']} history tokens "
+            f"recomputed; turns served by tier: {hits}"
+        )
+    verdict = "PASS" if (compare["on"]["reused_fraction"] or 0) >= 0.95 else "FAIL"
+    lines.append(f"{verdict}  tiers on: >= 95% of later turns reuse their history")
+    return "\n".join(lines)
 
 
 def _pool_of(profile: str) -> str:
@@ -341,13 +404,23 @@ def _service_urls(
             }
             if options.max_batch_tokens:
                 settings["KVTHREADS_MAX_BATCH_TOKENS"] = str(options.max_batch_tokens)
-            instances[pool][mode] = service.ServiceInstance(
-                name=f"{mode}-{pool}",
-                settings=settings,
-                database_url=database_url,
-                log_path=options.out_dir / f"multiturn-{stamp}-{mode}-{pool}.log",
-            )
-            meta["services"][pool][mode] = dict(settings)
+            variants = {mode: settings}
+            if mode == "cache" and options.tiers == "off":
+                settings.update(TIERS_OFF_SETTINGS)
+            if mode == "cache" and options.tiers == "both" and pool == "pressure":
+                variants[TIERS_OFF] = {**settings, **TIERS_OFF_SETTINGS}
+            for name, values in variants.items():
+                # Each instance its own snapshot folder: instances never share KV files.
+                values["KVTHREADS_DISK_CACHE_DIR"] = str(
+                    (options.out_dir / f"kv-{stamp}-{name}-{pool}").resolve()
+                )
+                instances[pool][name] = service.ServiceInstance(
+                    name=f"{name}-{pool}",
+                    settings=values,
+                    database_url=database_url,
+                    log_path=options.out_dir / f"multiturn-{stamp}-{name}-{pool}.log",
+                )
+                meta["services"][pool][name] = dict(values)
     everything = [i for by_mode in instances.values() for i in by_mode.values()]
     log(
         f"bench: starting {len(everything)} service instances "

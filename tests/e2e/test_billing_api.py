@@ -79,6 +79,7 @@ async def test_report_by_day_lists_every_day_and_money_as_strings(api):
         "turns": 3, "input_tokens": 1200, "cached_tokens": 900, "fresh_tokens": 300,
         "output_tokens": 60, "cache_hit_ratio": 0.75, "cost": "0.000249",
         "cost_without_cache": "0.00069", "saved": "0.000441",
+        "cached_device_tokens": 900, "cached_host_tokens": 0, "cached_disk_tokens": 0,
     }  # fmt: skip
 
 

@@ -46,11 +46,15 @@ async def test_five_turns_compute_only_the_new_tokens(api):
         # The model conditioned on the whole log before the reply: history + the new message.
         assert usage["input_tokens"] == log_lengths[k] + message_tokens
         if k == 0:
-            assert turn["cache"] == {"hit": False, "miss_reason": "new_thread", "shared_tokens": 0}
+            assert turn["cache"] == {
+                "hit": False, "tier": None, "miss_reason": "new_thread", "shared_tokens": 0
+            }  # fmt: skip
             assert usage["cached_tokens"] == 0
             continue
         previous = turns[k - 1]["usage"]
-        assert turn["cache"] == {"hit": True, "miss_reason": None, "shared_tokens": 0}
+        assert turn["cache"] == {
+            "hit": True, "tier": "device", "miss_reason": None, "shared_tokens": 0
+        }  # fmt: skip
         assert usage["cached_tokens"] >= previous["input_tokens"] + previous["output_tokens"] - 1
         # Fresh = exactly the tokens new since the previous turn's KV: what the log gained
         # after the cached prefix (the last sampled token, the closing tokens, the message).
@@ -65,6 +69,7 @@ async def test_five_turns_compute_only_the_new_tokens(api):
         "resident": True,
         "cached_tokens": last["input_tokens"] + last["output_tokens"] - 1,
         "shared_tokens": 0,
+        "tier": "device",
     }
 
 
@@ -93,7 +98,8 @@ async def test_restart_recomputes_once_and_replies_as_if_it_never_restarted(
             await _talk(client, thread_id, content, **GREEDY)
     steady_id, restarted_id = ids
 
-    # "Restart": a new app instance (new engine, empty cache) on the same database.
+    # "Restart": a new app instance (new engine, empty cache) on the same database, while the
+    # first still runs: no shutdown wrote a snapshot (crash-like), so the history recomputes.
     restarted = await open_api(**ENGINE)
     restarted.headers.update(auth)
     after_restart = await _talk(restarted, restarted_id, PROMPTS[2], **GREEDY)
@@ -101,6 +107,7 @@ async def test_restart_recomputes_once_and_replies_as_if_it_never_restarted(
 
     assert after_restart["cache"] == {
         "hit": False,
+        "tier": None,
         "miss_reason": "restarted",
         "shared_tokens": 0,
     }
@@ -226,7 +233,9 @@ async def test_cancelled_stream_on_the_real_engine_rolls_back(open_live, new_key
         if detail["cache"]["cached_tokens"] == committed:
             break
         await asyncio.sleep(0.05)
-    assert detail["cache"] == {"resident": True, "cached_tokens": committed, "shared_tokens": 0}
+    assert detail["cache"] == {
+        "resident": True, "cached_tokens": committed, "shared_tokens": 0, "tier": "device"
+    }  # fmt: skip
     assert detail["message_count"] == 3
     assert await snapshot(db_sessions) == before
     # The lock was released and the cache is consistent: the next turn is a hit.

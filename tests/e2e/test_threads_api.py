@@ -87,7 +87,9 @@ async def test_thread_lifecycle_and_token_log(fake_api, fake_engine, db_sessions
     thread_id = thread["id"]
 
     r = await fake_api.get(f"/v1/threads/{thread_id}")
-    assert r.json()["cache"] == {"resident": False, "cached_tokens": 0, "shared_tokens": 0}
+    assert r.json()["cache"] == {
+        "resident": False, "cached_tokens": 0, "shared_tokens": 0, "tier": None
+    }  # fmt: skip
 
     r = await fake_api.post(f"/v1/threads/{thread_id}/messages", json={"content": "hello"})
     turn = r.json()

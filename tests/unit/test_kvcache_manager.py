@@ -237,6 +237,7 @@ def test_stats_count_hits_misses_and_tokens():
         "restarted": 0,
         "mismatch": 0,
         "disabled": 0,
+        "snapshot_invalid": 0,
     }
     assert (stats.cached_tokens, stats.computed_tokens) == (7, 6)
     assert (stats.num_used_blocks, stats.num_free_blocks, stats.num_resident_threads) == (3, 5, 1)

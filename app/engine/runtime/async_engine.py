@@ -11,6 +11,11 @@ wakes the thread, which applies the queued commands between steps and sleeps on 
 there is nothing it can do (no busy loop). Events go back to the asyncio loop with
 `loop.call_soon_threadsafe`, one call per request per step.
 
+A thread whose KV is only on disk is read back first: the engine thread pins its snapshot, a
+worker thread reads and checks the files (never the event loop, never the engine step), and the
+turn is then submitted with the loaded rows; other threads keep decoding meanwhile. `shutdown`
+writes every resident thread to disk (bounded by the engine's snapshot_timeout_s).
+
 A thread is in flight from `generate` until `commit_turn`/`rollback_turn` (or until its stream
 ends without a FinishEvent); a second `generate` meanwhile raises ThreadInFlight at once. Closing
 a stream before its FinishEvent was handed out (aclose, or the consuming task cancelled while it
@@ -31,6 +36,8 @@ from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
+from app.engine.runtime.kv_hierarchy import TierStats
+from app.engine.runtime.kv_store import LoadedSnapshot, SnapshotInvalid
 from app.engine.runtime.llm_engine import EngineFailed, LLMEngine, NoFinishedTurn, RequestOutput
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
 from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
@@ -112,10 +119,12 @@ class AsyncLLMEngine:
         self._turns: dict[Hashable, TurnStream] = {}  # busy threads
         self._closed = False
         self._streams: dict[int, TurnStream] = {}  # engine thread only: seq_id -> stream
+        self._reading: set[TurnStream] = set()  # engine thread only: disk reads in flight
         self._thread: threading.Thread | None = None
         # Called once, from the engine thread, after a device fault ended the engine (the
         # service asks its process to exit non-zero so a supervisor restarts it).
         self.on_fatal: Callable[[BaseException], None] | None = None
+        self._io = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="kv-restore")
 
     @classmethod
     def from_loaded(
@@ -193,7 +202,7 @@ class AsyncLLMEngine:
             self._turns[thread_key] = stream
         self._submit(
             partial(
-                self._start_turn, stream, history, new, params, first_turn, arrival, share_scope
+                self._prepare_turn, stream, history, new, params, first_turn, arrival, share_scope
             )
         )
         return stream
@@ -253,6 +262,14 @@ class AsyncLLMEngine:
     def stats(self) -> KVCacheStats:
         return self.engine.stats()
 
+    def tier_stats(self) -> TierStats:
+        return self.engine.tier_stats()
+
+    async def move_down(self, thread_key: Hashable) -> bool:
+        """Evict an idle resident thread down one tier now (LLMEngine.move_down), on the
+        engine thread."""
+        return await self._call(partial(self.engine.move_down, thread_key))
+
     def thread_state(self, thread_key: Hashable) -> ThreadCacheState:
         return self.engine.thread_state(thread_key)
 
@@ -311,6 +328,21 @@ class AsyncLLMEngine:
             # Nothing scheduled means only a command (a commit freeing blocks) can help.
             self._may_step = self.engine.has_unfinished() and self.engine.last_num_scheduled > 0
 
+    def _prepare_turn(self, stream: TurnStream, history: list[int], *args: Any) -> None:
+        """On the engine thread: a thread only on disk is read by a worker first."""
+        if stream._done:  # closed before it began
+            return
+        if not self.engine.begin_disk_read(stream.thread_key):
+            self._start_turn(stream, history, *args)
+            return
+        self._reading.add(stream)
+
+        def read() -> None:
+            loaded = self.engine.read_snapshot(stream.thread_key, history)
+            self._submit(partial(self._start_turn, stream, history, *args, restored=loaded))
+
+        self._io.submit(read)
+
     def _start_turn(
         self,
         stream: TurnStream,
@@ -320,7 +352,13 @@ class AsyncLLMEngine:
         first_turn: bool,
         arrival: float,
         share_scope: Hashable | None = None,
+        restored: LoadedSnapshot | SnapshotInvalid | None = None,
     ) -> None:
+        self._reading.discard(stream)
+        if stream._done:  # closed before it began: nothing to abort, nothing to start
+            if restored is not None:
+                self.engine.end_disk_read(stream.thread_key)
+            return
         try:
             seq_id = self.engine.add_request(
                 stream.thread_key,
@@ -330,6 +368,7 @@ class AsyncLLMEngine:
                 first_turn=first_turn,
                 arrival=arrival,
                 share_scope=share_scope,
+                restored=restored,
             )
         except Exception as exc:
             self._release(stream)
@@ -394,10 +433,16 @@ class AsyncLLMEngine:
 
     def _stop_on_engine_thread(self) -> None:
         self.engine.abort_all()
-        for stream in self._streams.values():
+        for stream in [*self._streams.values(), *self._reading]:
             self._release(stream)
             stream._deliver([EngineClosed("the engine shut down during the turn")])
         self._streams.clear()
+        self._reading.clear()
+        self._io.shutdown(wait=False, cancel_futures=True)
+        try:
+            self.engine.persist()  # resident threads to disk, bounded in time
+        except Exception:
+            log.exception("writing the KV snapshots at shutdown failed")
         with self._lock:
             self._turns.clear()
 

@@ -18,20 +18,37 @@ import time
 from collections.abc import Callable, Hashable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from app.chat.detokenizer import Decode
 from app.engine.network.compiled_step import DEFAULT_BUCKETS, WARMUP_BUDGET_S, DecodeStepCache
-from app.engine.network.kv_pool import KVPool, num_blocks_for_budget
+from app.engine.network.kv_offload import block_shape
+from app.engine.network.kv_pool import KVPool, bytes_per_block, num_blocks_for_budget
 from app.engine.network.model import CausalLM
 from app.engine.network.runner import ModelRunner
+from app.engine.runtime.kv_hierarchy import KVHierarchy, TierStats
+from app.engine.runtime.kv_store import (
+    DiskStore,
+    LoadedSnapshot,
+    SnapshotInvalid,
+    SnapshotLayout,
+    model_identity,
+)
 from app.engine.runtime.sampler import sample, validate_params
 from app.engine.runtime.scheduler import ScheduledBatch, Scheduler
 from app.engine.runtime.sequence import Sequence, SequenceStatus
-from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent, TokenEvent
+from app.engine.runtime.types import (
+    FinishEvent,
+    MissReason,
+    SamplingParams,
+    StreamEvent,
+    TokenEvent,
+)
 from app.kvcache import KVCacheManager, KVCacheStats, ThreadCacheState, ThreadInFlight
+from app.kvcache.tiers import Tier
 
 LogitsHook = Callable[[list[Sequence], torch.Tensor], None]
 
@@ -94,6 +111,10 @@ class LLMEngine:
         attention_backend: str | None = None,
         compile_decode: bool = False,
         compile_budget_s: float = WARMUP_BUDGET_S,
+        host_cache_mb: float = 0,
+        disk_cache_dir: Path | str | None = None,
+        disk_cache_mb: float = 0,
+        snapshot_timeout_s: float = 30.0,
     ) -> None:
         """
         Give the pool's size as num_blocks or as kv_cache_mb. `attention_backend` names one
@@ -104,6 +125,10 @@ class LLMEngine:
         goes into the identity that shared KV blocks are named with, with the model's shapes, the
         dtype and the block size. `compile_decode` compiles the decode step for batch sizes up to
         max_num_seqs (network/compiled_step.py), for up to compile_budget_s here, at construction.
+
+        The tiers below the pool (app/engine/runtime/kv_hierarchy.py): host_cache_mb of host
+        memory, disk_cache_mb of snapshots in disk_cache_dir (0 or no folder: off). `persist`
+        writes what is resident to disk within snapshot_timeout_s (shutdown).
         """
         if (num_blocks is None) == (kv_cache_mb is None):
             raise ValueError("give exactly one of num_blocks and kv_cache_mb")
@@ -129,6 +154,25 @@ class LLMEngine:
             residency=residency,
             identity=kv_identity(config, self.dtype, block_size, model_name),
             copy_block=self.pool.copy_block,
+        )
+        block_bytes = bytes_per_block(config, block_size, self.dtype)
+        disk = None
+        disk_blocks = int(disk_cache_mb * 2**20) // block_bytes if residency else 0
+        if disk_blocks and disk_cache_dir is not None:
+            layout = SnapshotLayout(
+                model=model_identity(model, model_name),
+                dtype=str(self.dtype),
+                block_shape=block_shape(self.pool),
+                block_size=block_size,
+            )
+            disk = DiskStore(Path(disk_cache_dir), layout)
+        self.snapshot_timeout_s = snapshot_timeout_s
+        self.tiers = KVHierarchy(
+            self.kv,
+            self.pool,
+            host_blocks=int(host_cache_mb * 2**20) // block_bytes if residency else 0,
+            disk=disk,
+            disk_blocks=disk_blocks if disk is not None else 0,
         )
         self.runner = ModelRunner(
             model, self.pool.layer_caches, block_size, attention_backend=attention_backend
@@ -200,21 +244,42 @@ class LLMEngine:
         first_turn: bool,
         arrival: float | None = None,
         share_scope: Hashable | None = None,
+        restored: LoadedSnapshot | SnapshotInvalid | None = None,
     ) -> int:
         """Queue one turn of a thread; returns its sequence id. Raises ThreadInFlight while the
         thread's previous turn is in flight or awaiting commit/rollback.
 
         With a `share_scope` (the account, or one scope for all when sharing across accounts is
         allowed), the turn reuses full KV blocks that any thread of the scope computed for the
-        same prefix, and offers its own; None keeps the thread's KV to itself."""
+        same prefix, and offers its own; None keeps the thread's KV to itself.
+
+        A thread whose KV is on host or disk is copied back into device blocks first. The async
+        bridge reads a disk snapshot beforehand in a worker (`restored`); without it the read
+        happens here."""
         self.validate_request(history_ids, new_ids, params)
         prompt = [*history_ids, *new_ids]
         with self.lock:
             if self.failure is not None:
                 raise EngineFailed(f"the engine failed: {self.failure}") from self.failure
+            if self.kv.is_pinned(thread_key):
+                raise ThreadInFlight(f"thread {thread_key!r} already has a turn in flight")
+            from_tier, refused = None, False
+            if not self.kv.holds(thread_key):
+                from_tier, refused = self.tiers.restore(
+                    thread_key, history_ids, share_scope, loaded=restored
+                )
+            elif restored is not None:  # read for nothing (cannot happen through the bridge)
+                self.tiers.unpin_disk(thread_key)
             lookup = self.kv.begin_turn(
                 thread_key, prompt, first_turn=first_turn, scope=share_scope
             )
+            miss_reason = MissReason.SNAPSHOT_INVALID if refused else lookup.miss_reason
+            if refused and lookup.miss_reason is not None:
+                self.kv.recount_miss(lookup.miss_reason, miss_reason)
+            cache_tier = None
+            if lookup.num_cached_tokens:
+                cache_tier = from_tier or Tier.DEVICE
+                self.tiers.count_hit(cache_tier)
             seq = Sequence(
                 next(self._seq_ids),
                 thread_key,
@@ -223,7 +288,8 @@ class LLMEngine:
                 params,
                 block_table=lookup.block_table,
                 num_cached_tokens=lookup.num_cached_tokens,
-                miss_reason=lookup.miss_reason,
+                miss_reason=miss_reason,
+                cache_tier=None if cache_tier is None else cache_tier.value,
                 decode=self.decode,
                 device=self.device,
                 arrival=arrival,
@@ -278,9 +344,11 @@ class LLMEngine:
             return True
 
     def forget_thread(self, thread_key: Hashable) -> None:
-        """The thread was deleted: free its resident KV (blocks other threads hold stay)."""
+        """The thread was deleted: free its KV in every tier (blocks other threads hold stay;
+        its snapshot files are deleted by the disk writer, in order)."""
         with self.lock:
             self.kv.forget(thread_key)
+            self.tiers.forget(thread_key)
 
     def fork_thread(self, parent_key: Hashable, child_key: Hashable, token_ids: Seq[int]) -> int:
         """A new thread whose log is token_ids (a prefix of the parent's) holds the parent's
@@ -295,6 +363,7 @@ class LLMEngine:
         with self.lock:
             if thread_key in self._awaiting_commit:
                 raise ThreadInFlight(f"thread {thread_key!r} has a turn awaiting commit")
+            self.tiers.forget(thread_key)  # a copy below the device holds the longer log
             return self.kv.truncate(thread_key, token_ids)
 
     def has_unfinished(self) -> bool:
@@ -306,7 +375,58 @@ class LLMEngine:
 
     def thread_state(self, thread_key: Hashable) -> ThreadCacheState:
         with self.lock:
-            return self.kv.thread_state(thread_key)
+            tier = None if self.kv.holds(thread_key) else self.tiers.where(thread_key)
+            if tier is None:
+                return self.kv.thread_state(thread_key)
+            return ThreadCacheState(
+                resident=False,
+                pinned=False,
+                cached_tokens=len(self.tiers.held_tokens(thread_key)),
+                num_blocks=0,
+                last_used=None,
+                tier=tier.value,
+            )
+
+    def move_down(self, thread_key: Hashable) -> bool:
+        """Evict a resident, idle thread now (to the host tier, or disk, or gone), as memory
+        pressure would (tests and benchmarks). False if it is not resident or is in flight."""
+        with self.lock:
+            return self.kv.evict(thread_key)
+
+    def flush_disk(self, timeout: float | None = None) -> bool:
+        """Wait for the queued disk writes and deletes (tests and benchmarks)."""
+        store = self.tiers.store
+        return True if store is None else store.flush(timeout)
+
+    def tier_stats(self) -> TierStats:
+        with self.lock:
+            return self.tiers.stats()
+
+    def begin_disk_read(self, thread_key: Hashable) -> bool:
+        """If the thread's KV is only on disk, pin its snapshot for a read (`read_snapshot`, in
+        any thread) and return True. The turn then goes in with add_request(restored=...)."""
+        with self.lock:
+            if self.kv.holds(thread_key):
+                return False
+            return self.tiers.pin_disk(thread_key)
+
+    def read_snapshot(
+        self, thread_key: Hashable, history_ids: Seq[int]
+    ) -> LoadedSnapshot | SnapshotInvalid:
+        """Read and check a pinned snapshot: file IO only, no lock held (a worker thread)."""
+        return self.tiers.load_from_disk(thread_key, history_ids)
+
+    def end_disk_read(self, thread_key: Hashable) -> None:
+        """The turn that read the snapshot was cancelled before it began: unpin it."""
+        with self.lock:
+            self.tiers.unpin_disk(thread_key)
+
+    def persist(self) -> bool:
+        """Shutdown: cancel every turn, write every resident thread to the disk tier and wait
+        for the writes (at most snapshot_timeout_s). False when some were not written."""
+        with self.lock:
+            self.abort_all()
+            return self.tiers.persist_all(self.snapshot_timeout_s)
 
     # ---- the step --------------------------------------------------------------------------
 
@@ -438,6 +558,7 @@ class LLMEngine:
     def _maybe_check(self) -> None:
         if self.check_invariants:
             self.kv.check_integrity()
+            self.tiers.check_integrity()
             bs = self.kv.block_size
             for seq in self._active.values():
                 assert self.kv.is_pinned(seq.thread_key)

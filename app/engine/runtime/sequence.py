@@ -43,6 +43,7 @@ class Sequence:
         device: torch.device,
         arrival: float | None = None,
         num_shared_tokens: int = 0,
+        cache_tier: str | None = None,
     ) -> None:
         self.seq_id = seq_id
         self.thread_key = thread_key
@@ -55,6 +56,7 @@ class Sequence:
         self.num_prompt_cached = num_cached_tokens  # served from resident KV (for the counts)
         self.num_prompt_shared = num_shared_tokens  # of those, in blocks other threads hold
         self.miss_reason = miss_reason
+        self.cache_tier = cache_tier  # where the cached tokens came from: device, host, disk
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         # Its own generator, so a seeded sequence samples the same tokens alone or batched.
@@ -101,6 +103,7 @@ class Sequence:
             self.num_prompt_cached = 0
             self.num_prompt_shared = 0
             self.miss_reason = MissReason.EVICTED
+            self.cache_tier = None
         self.status = SequenceStatus.WAITING
 
     def counts(self) -> TurnCounts:
@@ -111,6 +114,7 @@ class Sequence:
             generated_tokens=self.num_generated,
             miss_reason=self.miss_reason,
             shared_tokens=self.num_prompt_shared,
+            cache_tier=self.cache_tier,
         )
 
     def timings(self) -> dict[str, float]:

@@ -50,6 +50,7 @@ class TurnCounts:
     generated_tokens: int
     miss_reason: MissReason | None  # None when the thread's resident KV was reused (a hit)
     shared_tokens: int = 0  # of cached_tokens, those in KV blocks shared with other threads
+    cache_tier: str | None = None  # where cached_tokens came from: device, host, disk (None: 0)
 
 
 @dataclass(frozen=True)

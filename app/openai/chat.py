@@ -12,10 +12,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from app.db import ids
 from app.openai import render, schemas
 from app.openai.models import ServedModel
-from app.openai.runs import TurnRun, deleter, new_ephemeral_thread
+from app.openai.runs import (
+    REPLAY_THREAD,
+    TurnRun,
+    deleter,
+    key_was_used,
+    new_ephemeral_thread,
+)
 from app.threads import schemas as thread_schemas
 from app.threads.components import ThreadsComponents
 
@@ -52,9 +60,19 @@ def chat_usage(usage: thread_schemas.Usage) -> schemas.ChatUsage:
     )
 
 
+async def _nothing() -> None:
+    pass
+
+
 class ChatService:
-    def __init__(self, components: ThreadsComponents, model: ServedModel) -> None:
+    def __init__(
+        self,
+        components: ThreadsComponents,
+        sessions: async_sessionmaker[AsyncSession],
+        model: ServedModel,
+    ) -> None:
         self._c = components
+        self._sessions = sessions
         self._model = model
 
     async def create(
@@ -77,8 +95,11 @@ class ChatService:
             stop=list(stop),
         )
         system = render.system_prompt(system_texts)
-        thread_id = await new_ephemeral_thread(self._c.threads, account_id, system, "chat")
-        cleanup = deleter(self._c.threads, account_id, thread_id)
+        if await key_was_used(self._sessions, account_id, idempotency_key):
+            thread_id, cleanup = REPLAY_THREAD, _nothing
+        else:
+            thread_id = await new_ephemeral_thread(self._c.threads, account_id, system, "chat")
+            cleanup = deleter(self._c.threads, account_id, thread_id)
         try:
             outcome = await self._c.turns.begin(
                 account_id,

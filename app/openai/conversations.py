@@ -2,8 +2,9 @@
 
 Items are the thread's messages (position 0, the system prompt, is an item only when there is
 one). Items added without a response are appended to the log as closed messages with their exact
-token ids (a user message without the assistant header, or a whole assistant message); the next
-response's turn appends its own input after them and pays for them as fresh tokens.
+token ids (a user message without the assistant header, or a whole assistant message). When the
+engine is idle their KV is computed right then, a prefill-only turn billed as it happens
+(app/openai/prefill.py), so the next response finds them cached; else that response computes them.
 
 Deleting an item: only the newest one. The log is exact and every later token's KV depends on
 everything before it, so removing an item from the middle would mean re-rendering history; that is
@@ -14,14 +15,17 @@ fork.py), keeping the KV of the rest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.billing.prices import PriceBook
 from app.db import ids, models
 from app.openai import render, schemas
 from app.openai.errors import OpenAIError
+from app.openai.prefill import prefill
 from app.openai.responses import output_text, page
 from app.threads import schemas as thread_schemas
 from app.threads import store
@@ -50,10 +54,14 @@ def conversation_view(thread: models.Thread | thread_schemas.Thread) -> schemas.
 
 class ConversationsService:
     def __init__(
-        self, components: ThreadsComponents, sessions: async_sessionmaker[AsyncSession]
+        self,
+        components: ThreadsComponents,
+        sessions: async_sessionmaker[AsyncSession],
+        prices: Callable[[], PriceBook],
     ) -> None:
         self._c = components
         self._sessions = sessions
+        self._prices = prices  # the prefill of added items is billed as it happens
 
     def _not_found(self, conversation_id: str) -> OpenAIError:
         return OpenAIError.not_found(f"Conversation with id '{conversation_id}' not found.")
@@ -123,32 +131,42 @@ class ConversationsService:
         fmt = self._c.runtime.chat_format
         for i, item in enumerate(items):
             reject_nul(f"items[{i}].content", item.text)
-        async with (
-            self._c.locks.hold(thread_id) as conn,
-            session_on(conn) as session,
-            session.begin(),
-        ):
-            thread = await store.get_thread(session, account_id, thread_id, for_update=True)
-            if thread is None:
-                raise self._not_found(thread_id)
-            added = []
-            for item in items:
-                token_ids = render.item_tokens(fmt, item)
-                added.append(
-                    models.Message(
-                        id=ids.new_id(ids.MESSAGE),
-                        thread_id=thread_id,
-                        position=thread.message_count,
-                        role=item.role,
-                        content=item.text,
-                        token_ids=token_ids,
+        async with self._c.locks.hold(thread_id) as conn:
+            async with session_on(conn) as session, session.begin():
+                thread = await store.get_thread(session, account_id, thread_id, for_update=True)
+                if thread is None:
+                    raise self._not_found(thread_id)
+                history_ids = await store.token_log(session, thread_id)
+                first_turn = thread.message_count <= 1  # nothing but the system prompt yet
+                added = []
+                for item in items:
+                    token_ids = render.item_tokens(fmt, item)
+                    added.append(
+                        models.Message(
+                            id=ids.new_id(ids.MESSAGE),
+                            thread_id=thread_id,
+                            position=thread.message_count,
+                            role=item.role,
+                            content=item.text,
+                            token_ids=token_ids,
+                        )
                     )
-                )
-                thread.message_count += 1
-                thread.token_count += len(token_ids)
-            session.add_all(added)
-            store.touch(thread)
-            await session.flush()
+                    thread.message_count += 1
+                    thread.token_count += len(token_ids)
+                session.add_all(added)
+                store.touch(thread)
+                await session.flush()
+            new_ids = [t for m in added for t in m.token_ids]
+            await prefill(
+                self._c.runtime,
+                conn,
+                self._prices,
+                account_id,
+                thread_id,
+                history_ids,
+                new_ids,
+                first_turn=first_turn,
+            )
         return added
 
     async def _messages(self, account_id: str, conversation_id: str) -> list[models.Message]:

@@ -28,7 +28,13 @@ from app.db import ids, models
 from app.openai import render, schemas
 from app.openai.errors import OpenAIError
 from app.openai.models import ServedModel
-from app.openai.runs import TurnRun, deleter, new_ephemeral_thread
+from app.openai.runs import (
+    REPLAY_THREAD,
+    TurnRun,
+    deleter,
+    key_was_used,
+    new_ephemeral_thread,
+)
 from app.threads import schemas as thread_schemas
 from app.threads import store
 from app.threads.components import ThreadsComponents
@@ -139,6 +145,7 @@ class ResponsesService:
         new_ids = render.turn_tokens(self._c.runtime.chat_format, turn_items, "input")
         after = []
         expect_tokens: int | None = None  # a continued thread's log length at the response
+        replay = await key_was_used(self._sessions, account_id, idempotency_key)
         if conversation_id is not None:
             thread = await self._thread(account_id, conversation_id, "conversation")
             self._check_instructions(req.instructions, thread)
@@ -147,7 +154,9 @@ class ResponsesService:
             row, thread = await self._previous(account_id, req.previous_response_id)
             self._check_instructions(req.instructions, thread)
             scope = f"responses:{row.id}"
-            if req.store and thread.message_count - 1 == row.position:
+            if replay:
+                thread_id = REPLAY_THREAD
+            elif req.store and thread.message_count - 1 == row.position:
                 thread_id, expect_tokens = thread.id, row.token_count
             else:
                 metadata = None if req.store else {"kvthreads.ephemeral": "response"}
@@ -162,7 +171,9 @@ class ResponsesService:
         else:
             system = render.system_prompt([req.instructions, *system_texts])
             scope = f"responses:new:{system}"
-            if req.store:
+            if replay:
+                thread_id = REPLAY_THREAD
+            elif req.store:
                 created = await self._c.threads.create(
                     account_id,
                     thread_schemas.CreateThreadRequest(

@@ -14,7 +14,10 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
 from app.threads import schemas as thread_schemas
+from app.threads import store
 from app.threads.errors import ThreadNotFound
 from app.threads.service import ThreadService
 from app.threads.shield import run_to_completion
@@ -66,6 +69,21 @@ class TurnRun:
         finally:
             for step in self.after:
                 await step()
+
+
+async def key_was_used(
+    sessions: async_sessionmaker[AsyncSession], account_id: str, key: str | None
+) -> bool:
+    """Whether a turn already ran with this Idempotency-Key: then `TurnService.begin` answers
+    from the ledger (a replay, or 422 for another request) before it looks at the thread, and
+    no thread (a new one, a fork, an ephemeral one) must be made for the retry."""
+    if key is None:
+        return False
+    async with sessions() as session:
+        return await store.find_usage_by_idempotency_key(session, account_id, key) is not None
+
+
+REPLAY_THREAD = "thr_replay"  # the thread id handed to begin for a replay; never looked up
 
 
 async def new_ephemeral_thread(

@@ -134,7 +134,11 @@ async def test_five_chained_responses_continue_one_thread_from_the_kv(live, db_s
 
 async def _ledger(db_sessions, thread_id: str) -> list[models.UsageRecord]:
     async with db_sessions() as session:
-        query = select(models.UsageRecord).where(models.UsageRecord.thread_id == thread_id)
+        query = (
+            select(models.UsageRecord)
+            .where(models.UsageRecord.thread_id == thread_id)
+            .order_by(models.UsageRecord.created_at, models.UsageRecord.id)
+        )
         return list((await session.execute(query)).scalars())
 
 
@@ -234,7 +238,7 @@ async def test_store_false_keeps_nothing_but_the_bill(live, db_sessions):
     assert (totals["turns"], totals["output_tokens"]) == (1, r.usage.output_tokens)
 
 
-async def test_conversations_hold_items_and_responses(live):
+async def test_conversations_hold_items_and_responses(live, db_sessions):
     http, client = live
     conv = await client.conversations.create(
         items=[
@@ -252,10 +256,18 @@ async def test_conversations_hold_items_and_responses(live):
         ],
     )
     assert [i.role for i in added.data] == ["assistant", "user"]
+    log = (await http.get(f"/v1/threads/{conv.id}/tokens")).json()["token_ids"]
     first = await client.responses.create(
         model=MODEL, input="What is my name?", conversation=conv.id, **GREEDY
     )
     assert first.conversation.id == conv.id
+    # The items' KV was computed when they were added (the engine was idle): only the new
+    # input is fresh. That prefill was billed then, as its own ledger row.
+    assert _cached(first) == len(log)
+    prefills = [r for r in await _ledger(db_sessions, conv.id) if r.output_tokens == 0]
+    assert len(prefills) == 2  # conversations.create's items, then items.create's
+    assert prefills[0].miss_reason == "new_thread" and prefills[1].miss_reason is None
+    assert prefills[-1].input_tokens == len(log)
     second = await client.responses.create(
         model=MODEL, input="And what do I like?", conversation=conv.id, **GREEDY
     )
@@ -376,3 +388,58 @@ async def test_errors_are_the_sdks_typed_exceptions(open_live, new_key):
         engine.gate.set()
         kinds = [event.type async for event in stream]
     assert kinds[-1] in ("response.completed", "response.incomplete")
+
+
+async def test_idempotent_retries_replay_and_make_no_threads(open_live, new_key, db_sessions):
+    http = await open_live(fake_runtime(FakeEngine()))
+    client = sdk(http, await new_key())
+    model = "fake-engine"
+    first = await client.responses.create(model=model, input="hi", max_output_tokens=4)
+
+    async def threads() -> int:
+        async with db_sessions() as session:
+            return await session.scalar(select(func.count()).select_from(models.Thread))
+
+    before = await threads()
+    calls = {
+        "response": lambda: client.responses.with_raw_response.create(
+            model=model,
+            input="again",
+            previous_response_id=first.id,
+            extra_headers={"Idempotency-Key": "resp-1"},
+        ),
+        "branch": lambda: client.responses.with_raw_response.create(
+            model=model,
+            input="other",
+            previous_response_id=first.id,
+            extra_headers={"Idempotency-Key": "resp-2"},
+        ),
+        "chat": lambda: client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"Idempotency-Key": "chat-1"},
+        ),
+    }
+    for name, call in calls.items():
+        once, twice = await call(), await call()
+        assert "Idempotent-Replayed" not in once.headers, name
+        assert twice.headers["Idempotent-Replayed"] == "true", name
+        if name == "chat":
+            assert twice.parse().choices[0].message == once.parse().choices[0].message
+        else:
+            assert twice.parse().id == once.parse().id and twice.parse().output_text
+    assert await threads() == before + 1  # the branch's fork; no retry made one
+    with pytest.raises(openai.UnprocessableEntityError):  # the same key, another request
+        await client.responses.create(
+            model=model, input="else", extra_headers={"Idempotency-Key": "resp-1"}
+        )
+
+
+async def test_over_the_rate_limit_is_a_rate_limit_error(open_live, new_key):
+    http = await open_live(fake_runtime(FakeEngine()), rate_limit_per_minute=2)
+    client = sdk(http, await new_key())
+    with pytest.raises(openai.RateLimitError) as info:
+        for _ in range(3):
+            await client.models.list()
+    assert info.value.code == "rate_limited"
+    assert info.value.response.headers["Retry-After"]

@@ -38,6 +38,7 @@ from app.openai.runs import (
 from app.threads import schemas as thread_schemas
 from app.threads import store
 from app.threads.components import ThreadsComponents
+from app.threads.errors import InvalidField
 from app.threads.turn import Replayed, TurnExtras
 
 RESPONSE = "resp"
@@ -69,7 +70,13 @@ def complete(
         incomplete_details=schemas.IncompleteDetails(reason="max_output_tokens")
         if incomplete
         else None,
-        output=[output_message(result.message.id, result.message.content, "completed")],
+        output=[
+            output_message(
+                result.message.id,
+                result.message.content,
+                "incomplete" if incomplete else "completed",
+            )
+        ],
         usage=schemas.ResponseUsage(
             input_tokens=usage.input_tokens,
             input_tokens_details=schemas.InputTokensDetails(cached_tokens=usage.cached_tokens),
@@ -143,7 +150,8 @@ class ResponsesService:
         fresh = conversation_id is None and req.previous_response_id is None
         system_texts, turn_items = render.split_system(items, "input", allowed=fresh)
         new_ids = render.turn_tokens(self._c.runtime.chat_format, turn_items, "input")
-        after = []
+        after = []  # when the turn is over: delete an ephemeral thread
+        undo = None  # if the turn cannot begin: delete the thread made for it
         expect_tokens: int | None = None  # a continued thread's log length at the response
         replay = await key_was_used(self._sessions, account_id, idempotency_key)
         if conversation_id is not None:
@@ -166,8 +174,9 @@ class ResponsesService:
                     thread_schemas.ForkThreadRequest(at=row.position, metadata=metadata),
                 )
                 thread_id = child.id
+                undo = deleter(self._c.threads, account_id, thread_id)
                 if not req.store:
-                    after.append(deleter(self._c.threads, account_id, thread_id))
+                    after.append(undo)
         else:
             system = render.system_prompt([req.instructions, *system_texts])
             scope = f"responses:new:{system}"
@@ -181,6 +190,7 @@ class ResponsesService:
                     ),
                 )
                 thread_id = created.id
+                undo = deleter(self._c.threads, account_id, thread_id)
             else:
                 thread_id = await new_ephemeral_thread(
                     self._c.threads, account_id, system, "response"
@@ -245,13 +255,30 @@ class ResponsesService:
                 extras=TurnExtras(reply_id=reply_id, on_record=record if req.store else None),
                 fingerprint_scope=scope,
             )
-        except BaseException:
+        except BaseException as exc:
+            if undo is not None and undo not in after:
+                await undo()
             for step in after:
                 await step()
+            if isinstance(exc, InvalidField) and exc.field == "max_tokens":
+                message = exc.message.replace("max_tokens", "max_output_tokens", 1)
+                raise OpenAIError.bad_request(message, param="max_output_tokens") from None
             raise
+        if undo is not None and undo not in after:
+            # A thread made for this response (new, or a fork) is kept only with the response.
+            async def unless_recorded() -> None:
+                if response.stored is None:
+                    await undo()
+
+            after.append(unless_recorded)
         response.run = TurnRun(outcome, after)
         if isinstance(outcome, Replayed):
             response.stored = await self._replayed_body(account_id, outcome.result)
+            if response.stored is not None:  # stream the first response's ids again
+                response.skeleton = msgspec.structs.replace(
+                    skeleton, id=response.stored["id"], created_at=response.stored["created_at"]
+                )
+                response.reply_id = outcome.result.message.id
         elif expect_tokens is not None and len(outcome.history_ids) != expect_tokens:
             await response.run.close()
             raise OpenAIError.conflict(

@@ -443,3 +443,48 @@ async def test_over_the_rate_limit_is_a_rate_limit_error(open_live, new_key):
             await client.models.list()
     assert info.value.code == "rate_limited"
     assert info.value.response.headers["Retry-After"]
+
+
+async def test_a_response_that_cannot_run_leaves_no_thread(open_live, new_key, db_sessions):
+    http = await open_live(fake_runtime(FakeEngine(), max_context_tokens=64))
+    client = sdk(http, await new_key())
+
+    async def threads() -> int:
+        async with db_sessions() as session:
+            return await session.scalar(select(func.count()).select_from(models.Thread))
+
+    before = await threads()
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="fake-engine", input="hi", max_output_tokens=100)
+    assert info.value.param == "max_output_tokens"
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="fake-engine", input="hi " * 40)
+    assert info.value.code == "context_length_exceeded"
+    first = await client.responses.create(model="fake-engine", input="hi", max_output_tokens=4)
+    with pytest.raises(openai.BadRequestError):  # a branch that cannot run: no fork is kept
+        await client.responses.create(
+            model="fake-engine", input="x " * 40, previous_response_id=first.id, store=False
+        )
+    assert await threads() == before + 1
+
+
+async def test_a_stream_that_fails_ends_with_error_events(open_live, new_key, db_sessions):
+    http = await open_live(fake_runtime(FakeEngine(fail_after_tokens=2)))
+    client = sdk(http, await new_key())
+    stream = await client.responses.create(model="fake-engine", input="hi", stream=True)
+    events = [event async for event in stream]
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    assert events[-2].code == "generation_failed"
+    assert events[-1].response.status == "failed"
+    with pytest.raises(openai.NotFoundError):  # nothing was stored
+        await client.responses.retrieve(events[0].response.id)
+
+    chunks = await client.chat.completions.create(
+        model="fake-engine", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    with pytest.raises(openai.APIError, match="generation failed"):
+        async for _ in chunks:
+            pass
+    async with db_sessions() as session:  # nothing billed, no thread made for them is left
+        assert await session.scalar(select(func.count()).select_from(models.UsageRecord)) == 0
+        assert await session.scalar(select(func.count()).select_from(models.Thread)) == 0

@@ -32,6 +32,7 @@ from app.api.errors import EXCEPTION_HANDLERS
 from app.api.health import healthz
 from app.api.limits import LIMIT_HANDLERS, api_rate_limit, sign_in_rate_limit
 from app.api.metrics import metrics
+from app.api.openai.router import create_openai_router
 from app.api.openapi import describe_v1_api
 from app.api.router import create_v1_router
 from app.api.security_headers import set_security_headers
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, runtime: Any | None = None) -> 
             healthz,
             metrics,
             create_v1_router(settings.max_message_bytes, api_rate_limit(settings)),
+            create_openai_router(settings.max_message_bytes, api_rate_limit(settings)),
             BillingPageController,
         ],
         # Entered in order, left in reverse: the engine stops before the database closes.

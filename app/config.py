@@ -34,6 +34,9 @@ class ConfigError(ValueError):
 class Settings:
     database_url: str | None = None  # postgresql+asyncpg://...; None: `make run` starts one
     model: str = DEFAULT_MODEL  # built-in or registry name, a .gguf file, or a Hugging Face folder
+    # The name the OpenAI-shaped routes serve the model as (/v1/models, `model` in requests);
+    # None: the loaded model's own name.
+    model_name: str | None = None
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     kv_cache_mb: int | None = None  # size of the KV block pool; None: from the device
@@ -213,6 +216,13 @@ def _secret(name: str, raw: str) -> str:
     return raw
 
 
+def _model_name(name: str, raw: str) -> str:
+    value = raw.strip()
+    if not value or len(value) > 256 or not value.isprintable():
+        raise ConfigError(f"{name} must be 1 to 256 printable characters, got {raw!r}")
+    return value
+
+
 def _host(name: str, raw: str) -> str:
     value = raw.strip()
     if not value or any(c.isspace() for c in value):
@@ -245,6 +255,7 @@ def _pg_bindir(name: str, raw: str) -> str | None:
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "DATABASE_URL": ("database_url", _database_url),
     "KVTHREADS_MODEL": ("model", _model),
+    "KVTHREADS_MODEL_NAME": ("model_name", _model_name),
     "KVTHREADS_DEVICE": ("device", _choice("auto", "cpu", "cuda")),
     "KVTHREADS_DTYPE": ("dtype", _choice("auto", "float32", "bfloat16", "float16")),
     "KVTHREADS_KV_CACHE_MB": ("kv_cache_mb", _int(1)),

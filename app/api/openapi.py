@@ -4,7 +4,7 @@
 
 Litestar documents a success and its own 400 shape. Every /v1 operation here also gets:
 the bearer key as its security; each error it can answer, in our shape {error: {type, message}}
-(400, 401, 503 everywhere; 404 where a thread id is in the path; 413 and 415 with a body; the
+(400, 401, 503 everywhere; 404 where an id is in the path; 413 and 415 with a body; the
 statuses an operation lists in `EXTRA_STATUSES`); `additionalProperties: false` on request bodies
 whose structs forbid unknown fields; `text/event-stream` where an operation can stream.
 """
@@ -35,8 +35,9 @@ ERROR_SCHEMA = "Error"
 STATUS_DESCRIPTIONS = {
     400: "invalid request: a bad body, parameter or header; the message names it",
     401: "no key, a malformed Authorization header, an unknown or revoked key",
-    404: "no such thread, or another account's",
-    409: "a turn of this thread is in flight",
+    404: "no such thread (conversation, response, item), or another account's; or a model "
+    "this server does not serve",
+    409: "a turn of this thread is in flight (or, for an item, it is not the newest)",
     413: "the message or the body is over the size limit",
     415: "the body is not sent as application/json",
     422: "the Idempotency-Key was used with a different request",
@@ -51,8 +52,44 @@ EXTRA_STATUSES = {
     "appendMessage": {409, 422, 500},
     "deleteThread": {409},
     "rewindThread": {409},
+    # The OpenAI-shaped routes (app/api/openai/); their errors carry param and code too.
+    "createResponse": {404, 409, 422, 500},
+    "createChatCompletion": {404, 409, 422, 500},
+    "getModel": {404},
+    "createConversation": {409},
+    "deleteConversation": {409},
+    "createConversationItems": {409},
+    "deleteConversationItem": {409},
 }
-STREAMING_OPERATIONS = {"appendMessage"}  # `stream: true` answers text/event-stream
+# `stream: true` answers text/event-stream: the events each operation sends.
+STREAMING_OPERATIONS = {
+    "appendMessage": (
+        ["delta", "done", "error"],
+        "one server-sent event: `delta` ({text}) events, then `done` (the JSON body of the "
+        "non-streamed answer) or `error` ({error: {type, message}})",
+    ),
+    "createResponse": (
+        [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+            "response.output_text.delta",
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            "response.completed",
+            "response.incomplete",
+            "error",
+            "response.failed",
+        ],
+        "OpenAI's response events, in that order; data carries `type` and `sequence_number`",
+    ),
+    "createChatCompletion": (
+        None,
+        "`data: {chat.completion.chunk}` events, then `data: [DONE]`",
+    ),
+}
 
 
 def _error_schema() -> Schema:
@@ -110,7 +147,7 @@ def _body_schema_name(operation: Operation) -> str | None:
 
 def _statuses(path: str, operation: Operation) -> set[int]:
     statuses = {400, 401, 429, 503} | EXTRA_STATUSES.get(operation.operation_id or "", set())
-    if "{thread_id}" in path:
+    if "_id}" in path:
         statuses.add(404)
     if operation.request_body is not None:
         statuses |= {413, 415}
@@ -145,19 +182,19 @@ def document_v1(openapi: OpenAPI, request_structs: list[type[msgspec.Struct]]) -
         for status in sorted(_statuses(path, operation)):
             responses[str(status)] = _error_response(status)
         if operation.operation_id in STREAMING_OPERATIONS:
+            names, description = STREAMING_OPERATIONS[operation.operation_id]
             ok = responses.get("200")
             if isinstance(ok, OpenAPIResponse) and ok.content is not None:
+                properties = {
+                    "data": Schema(type=OpenAPIType.STRING, content_media_type="application/json")
+                }
+                if names is not None:
+                    properties["event"] = Schema(type=OpenAPIType.STRING, enum=names)
                 events = Schema(
                     type=OpenAPIType.OBJECT,
-                    properties={
-                        "event": Schema(type=OpenAPIType.STRING, enum=["delta", "done", "error"]),
-                        "data": Schema(
-                            type=OpenAPIType.STRING, content_media_type="application/json"
-                        ),
-                    },
-                    required=["event", "data"],
-                    description="one server-sent event: `delta` ({text}) events, then `done` "
-                    "(the JSON body of the non-streamed answer) or `error` ({error: {type, message}})",
+                    properties=properties,
+                    required=sorted(properties),
+                    description=description,
                 )
                 ok.content["text/event-stream"] = OpenAPIMediaType(schema=events)
         operation.responses = responses

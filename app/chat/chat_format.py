@@ -44,6 +44,15 @@ class ChatFormat(Protocol):
         """A user message followed by the assistant header."""
         ...
 
+    def user_message(self, content: str) -> list[int]:
+        """A user message without the assistant header: one that no reply follows yet."""
+        ...
+
+    def assistant_message(self, content: str) -> list[int]:
+        """A whole assistant message given as text: header, content, closing (as a reply to
+        user_message, the way user_turn + generated + assistant_end would hold it)."""
+        ...
+
     def assistant_end(self, generated: Sequence[int], finish_reason: str) -> list[int]:
         """Tokens to append after `generated` so the assistant message is closed as the template
         renders it; when the model already generated the end-of-turn token, only what follows it."""
@@ -92,6 +101,12 @@ class SimpleChatFormat:
 
     def user_turn(self, content: str) -> list[int]:
         return [self._user, *self._tokenizer.encode(content), self._end, self._assistant]
+
+    def user_message(self, content: str) -> list[int]:
+        return [self._user, *self._tokenizer.encode(content), self._end]
+
+    def assistant_message(self, content: str) -> list[int]:
+        return [self._assistant, *self._tokenizer.encode(content), self._end]
 
     def assistant_end(self, generated: Sequence[int], finish_reason: str) -> list[int]:
         _check_finish_reason(finish_reason)
@@ -172,6 +187,13 @@ class TemplateChatFormat:
     def user_turn(self, content: str) -> list[int]:
         return self._tokenizer.encode(self._user_text(content))
 
+    def user_message(self, content: str) -> list[int]:
+        return self._tokenizer.encode(self._user_message_text(content))
+
+    def assistant_message(self, content: str) -> list[int]:
+        header = self._user_text(content)[len(self._user_message_text(content)) :]
+        return self._tokenizer.encode(header + content + self._closing)
+
     def assistant_end(self, generated: Sequence[int], finish_reason: str) -> list[int]:
         _check_finish_reason(finish_reason)
         return _closing_rest(self._closing_ids, self._end_of_turn, generated)
@@ -200,6 +222,21 @@ class TemplateChatFormat:
                 "with a different closing than the last one; cannot cut a user turn from it"
             )
         return rendered[cut + len(self._anchor_closing) :]
+
+    def _user_message_text(self, content: str) -> str:
+        """The user piece without the generation prompt; user_turn's text must extend it."""
+        rendered = self._render(
+            [*_anchor_conversation(), {"role": "user", "content": content}],
+            add_generation_prompt=False,
+        )
+        cut = rendered.rfind(self._anchor_closing)
+        text = rendered[cut + len(self._anchor_closing) :] if cut >= 0 else ""
+        if cut < 0 or not self._user_text(content).startswith(text):
+            raise ChatTemplateError(
+                f"{self.model_name}: the chat template's generation prompt does not follow a "
+                "user message as is; a user message cannot stand without its reply"
+            )
+        return text
 
     def _start_text(self, system: str | None) -> str:
         opening = [] if system is None else [{"role": "system", "content": system}]

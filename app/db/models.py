@@ -201,3 +201,32 @@ class UsageRecord(Base):
     idempotency_key: Mapped[str | None] = mapped_column(Text)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = _created_at()
+
+
+class StoredResponse(Base):
+    """A stored OpenAI-shaped response: a position in a thread (app/openai/).
+
+    The response's reply is the message `message_id` of `thread_id`; chaining from it continues
+    that thread when it still ends there, else forks it at `position`. Deleting the thread, or
+    rewinding it past the reply, deletes the response with it (the foreign keys cascade).
+    `body` is the response object as returned; `input_items` the items of its input.
+    """
+
+    __tablename__ = "responses"
+    __table_args__ = (Index("ix_responses_account_created", "account_id", "created_at"),)
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    thread_id: Mapped[str] = mapped_column(
+        ForeignKey("threads.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    message_id: Mapped[str] = mapped_column(
+        ForeignKey("messages.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    position: Mapped[int] = mapped_column(Integer, nullable=False)  # the reply's position
+    token_count: Mapped[int] = mapped_column(Integer, nullable=False)  # the log through the reply
+    body: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    input_items: Mapped[list[Any]] = mapped_column(JSONB, nullable=False)
+    created_at: Mapped[datetime] = _created_at()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -72,6 +72,19 @@ class Replayed:
 
 
 @dataclass(frozen=True)
+class TurnExtras:
+    """What a caller adds to a turn's record (the OpenAI-shaped routes, app/openai/).
+
+    reply_id      the id the assistant message gets (None: a new one), known before it exists
+    on_record     awaited inside the turn's one transaction with (session, result): rows that
+                  must commit with the turn or not at all
+    """
+
+    reply_id: str | None = None
+    on_record: Callable[[AsyncSession, schemas.TurnResult], Awaitable[None]] | None = None
+
+
+@dataclass(frozen=True)
 class TurnLimits:
     max_message_bytes: int
     quotas: AccountQuotas = AccountQuotas()  # turns in flight and monthly budgets, per account
@@ -98,8 +111,18 @@ class TurnService:
         thread_id: str,
         request: schemas.AppendMessageRequest,
         idempotency_key: str | None = None,
+        *,
+        new_ids: list[int] | None = None,
+        extras: TurnExtras | None = None,
+        fingerprint_scope: str | None = None,
     ) -> Turn | Replayed:
-        """Check everything, take the thread's turn lock; raise or return the ready turn."""
+        """Check everything, take the thread's turn lock; raise or return the ready turn.
+
+        `new_ids` replaces `chat_format.user_turn(request.content)` as the turn's new tokens
+        (several messages rendered by the caller, app/openai/); `extras` adds to its record.
+        `fingerprint_scope` replaces the thread id in what an Idempotency-Key is checked against
+        (a retry of a call that runs on a new thread each time is still the same request).
+        """
         reject_nul("content", request.content)
         for i, stop in enumerate(request.stop):
             reject_nul(f"stop[{i}]", stop)
@@ -111,7 +134,7 @@ class TurnService:
             raise InvalidField("max_tokens", f"must be below the model's context of {limit}")
         if idempotency_key is not None:
             _check_idempotency_key(idempotency_key)
-        fingerprint = _fingerprint(thread_id, request)
+        fingerprint = _fingerprint(fingerprint_scope or thread_id, request, new_ids)
 
         if (replay := await self._replay(account_id, idempotency_key, fingerprint)) is not None:
             return replay
@@ -137,7 +160,8 @@ class TurnService:
                 if thread is None:  # deleted meanwhile
                     raise ThreadNotFound(thread_id)
                 history_ids = await store.token_log(session, thread_id)
-            new_ids = self._runtime.chat_format.user_turn(request.content)
+            if new_ids is None:
+                new_ids = self._runtime.chat_format.user_turn(request.content)
             params = self._sampling_params(request, len(history_ids), len(new_ids))
             return Turn(
                 engine=self._runtime.engine,
@@ -154,6 +178,7 @@ class TurnService:
                 fingerprint=fingerprint,
                 conn=conn,
                 unlock=stack,
+                extras=extras or TurnExtras(),
             )
         except BaseException:
             await stack.aclose()
@@ -228,6 +253,7 @@ class Turn:
         fingerprint: str,
         conn: AsyncConnection,
         unlock: AsyncExitStack,
+        extras: TurnExtras | None = None,
     ) -> None:
         self._engine = engine
         self._recorder = recorder
@@ -243,6 +269,7 @@ class Turn:
         self.fingerprint = fingerprint
         self.conn = conn  # holds the thread's lock; the turn's reads and write run on it
         self._unlock = unlock
+        self.extras = extras or TurnExtras()
         self._finished = False  # the engine sent its FinishEvent: commit or rollback is ours
         self._settled = False  # commit_turn or rollback_turn was called
         self._events: AsyncIterator | None = None
@@ -336,9 +363,13 @@ class Turn:
                 self._settle(self._engine.rollback_turn)  # no-op once committed
 
 
-def _fingerprint(thread_id: str, request: schemas.AppendMessageRequest) -> str:
+def _fingerprint(
+    thread_id: str, request: schemas.AppendMessageRequest, new_ids: list[int] | None = None
+) -> str:
     """What makes two appends the same request (streaming or not is only the delivery)."""
     body = msgspec.json.encode(msgspec.structs.replace(request, stream=False))
+    if new_ids is not None:
+        body += b"\0" + msgspec.json.encode(new_ids)
     return hashlib.sha256(thread_id.encode() + b"\0" + body).hexdigest()
 
 

@@ -10,7 +10,7 @@ keep the turn's KV, or to roll it back when this raised (app/threads/turn.py).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import msgspec
 from sqlalchemy.exc import IntegrityError
@@ -40,6 +40,7 @@ class Turn(Protocol):
     idempotency_key: str | None
     fingerprint: str
     conn: AsyncConnection  # holds the thread's lock
+    extras: Any  # app/threads/turn.py's TurnExtras: reply_id, on_record
 
 
 class TurnRecorder:
@@ -72,6 +73,9 @@ class TurnRecorder:
                     else {"request_sha256": turn.fingerprint, "body": msgspec.to_builtins(result)}
                 )
                 session.add(usage)
+                if turn.extras.on_record is not None:
+                    await session.flush()
+                    await turn.extras.on_record(session, result)
         except IntegrityError as exc:
             if turn.idempotency_key is not None and "idempotency_key" in str(exc.orig):
                 raise IdempotencyConflict(turn.idempotency_key) from None
@@ -125,7 +129,7 @@ def _messages(
         token_ids=list(turn.new_ids),
     )
     reply = models.Message(
-        id=ids.new_id(ids.MESSAGE),
+        id=turn.extras.reply_id or ids.new_id(ids.MESSAGE),
         thread_id=thread.id,
         position=position + 1,
         role="assistant",

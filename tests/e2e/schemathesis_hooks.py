@@ -12,7 +12,11 @@ MAX_TOKENS = 4
 
 @schemathesis.hook
 def map_body(ctx, body):
-    max_tokens = body.get("max_tokens") if isinstance(body, dict) else None
-    if type(max_tokens) is int and max_tokens > MAX_TOKENS:
-        body["max_tokens"] = MAX_TOKENS
+    if not isinstance(body, dict):
+        return body
+    # The native API's and OpenAI's names for it (Responses, Chat Completions).
+    for field in ("max_tokens", "max_output_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if type(value) is int and value > MAX_TOKENS:
+            body[field] = MAX_TOKENS
     return body

@@ -12,7 +12,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engin
 from app.db import migrate
 from app.db.models import Account, Base, Message, Thread, UsageRecord
 
-TABLES = {"accounts", "api_keys", "billing_sessions", "threads", "messages", "usage_ledger"}
+TABLES = {
+    "accounts",
+    "api_keys",
+    "billing_sessions",
+    "threads",
+    "messages",
+    "usage_ledger",
+    "responses",
+}
 
 
 def _diff(sync_conn) -> list:

@@ -189,3 +189,39 @@ def test_simple_chat_format():
     assert chat_format.assistant_end([104, 105], "length") == [end]
     assert chat_format.assistant_end([104, end], "stop") == []
     assert chat_format.is_incremental_exact
+
+
+@pytest.mark.parametrize("kind", ["chatml", "llama3"])
+def test_whole_messages_render_as_the_template_does(tokenizer_folders, kind):
+    """A history given as messages (OpenAI's routes, app/openai/render.py): user_message and
+    assistant_message pieces, then user_turn, equal the template's render of the conversation."""
+    transformers = pytest.importorskip("transformers")
+    folder = tokenizer_folders[kind]
+    chat_format = template_format(folder)
+    log = list(chat_format.start("You are terse."))
+    messages = [{"role": "system", "content": "You are terse."}]
+    for user, reply in CONVERSATION:
+        messages.append({"role": "user", "content": user})
+        if reply is None:
+            log += chat_format.user_turn(user)
+            break
+        log += chat_format.user_message(user) + chat_format.assistant_message(reply)
+        messages.append({"role": "assistant", "content": reply})
+    reference = transformers.AutoTokenizer.from_pretrained(str(folder))
+    expected = reference.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True
+    )["input_ids"]
+    assert log == expected
+
+
+def test_simple_chat_format_whole_messages():
+    tokenizer = builtin_tokenizer()
+    chat_format = SimpleChatFormat(tokenizer)
+    _, end, _, user, assistant = (tokenizer.token_to_id(t) for t in SimpleChatFormat.SPECIAL_TOKENS)
+    assert chat_format.user_message("hi") == [user, *b"hi", end]
+    assert chat_format.assistant_message("yo") == [assistant, *b"yo", end]
+    # A generated reply closes to the same tokens: user_turn + generated + assistant_end.
+    generated = list(b"yo")
+    assert chat_format.user_message("hi") + chat_format.assistant_message("yo") == (
+        chat_format.user_turn("hi") + generated + chat_format.assistant_end(generated, "length")
+    )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -201,3 +201,28 @@ def write_gguf(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def with_one_tensor_as(path: Path, out: Path, tensor_name: str, qtype: Q) -> Path:
+    """A copy of the GGUF file at `path` whose tensor `tensor_name` is stored (as zeros) in
+    `qtype`: a type the `gguf` package reads but the engine may not accept."""
+    writer = GGUFWriter(str(out), "llama")
+    reader = GGUFReader(path)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        writer.add_key_value(
+            key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None
+        )
+    for tensor in reader.tensors:
+        if tensor.name == tensor_name:
+            _, size = GGML_QUANT_SIZES[qtype]  # one block per row
+            data = np.zeros((int(tensor.shape[1]), size), np.uint8)
+            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            writer.add_tensor(tensor.name, np.array(tensor.data))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

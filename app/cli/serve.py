@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from app.cli.errors import check_database
+from app.cli.errors import CliError, check_database
 from app.config import Settings
 
 # Ctrl-C lets turns in flight finish for this long, then cancels them: a cancelled turn commits
@@ -17,21 +17,30 @@ def run_server(settings: Settings) -> int:
     import uvicorn
 
     from app.asgi import create_app
+    from app.engine.loading.hf_config import ModelLoadError
+    from app.threads.runtime_factory import EXIT_DEVICE_FAULT, build_runtime, device_fault
 
     check_database(settings, migrated=True)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
-    )
-    from app.threads.runtime_factory import EXIT_DEVICE_FAULT, device_fault
-
+    # The model loads (and its kernels warm up) before the port opens, so that a model the
+    # engine cannot serve stops the command with one line instead of a failed ASGI startup.
+    try:
+        runtime = build_runtime(settings)
+    except ModelLoadError as exc:
+        raise CliError(f"cannot serve {settings.model}: {exc}", exit_code=2) from None
+    try:
+        uvicorn.run(
+            create_app(settings, runtime),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            lifespan="on",
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        )
+    finally:
+        runtime.engine.shutdown()  # in-flight turns roll back; resident KV goes to disk
     return EXIT_DEVICE_FAULT if device_fault() is not None else 0
 
 

@@ -3,10 +3,8 @@ registry names and .gguf paths reach the GGUF loader through KVTHREADS_MODEL and
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFWriter
 from gguf import GGMLQuantizationType as Q
 
 from app.config import ConfigError, load_settings
@@ -15,7 +13,7 @@ from app.engine.loading.gguf import load_gguf
 from app.engine.loading.gguf.tensor_names import engine_name, unpermute_qk
 from app.engine.loading.hf_config import ModelLoadError
 from app.engine.loading.loader import resolve_model
-from tests.gguf_files import GGUFTokenizer, permute_qk, write_gguf
+from tests.gguf_files import GGUFTokenizer, permute_qk, with_one_tensor_as, write_gguf
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,27 +50,8 @@ def test_a_good_file_loads_with_its_chat_format(tmp_path, hf_model, tokenizer):
 
 def test_unsupported_tensor_type_is_refused_by_name(tmp_path, hf_model, tokenizer):
     path = write_gguf(tmp_path / "m.gguf", hf_model, "llama", Q.F32, tokenizer)
-    # Rewrite with one tensor as Q2_K (which gguf can read, but the engine does not accept).
-    writer_path = tmp_path / "q2k.gguf"
-    writer = GGUFWriter(str(writer_path), "llama")
-    reader = GGUFReader(path)
-    for key, field in reader.fields.items():
-        if key.startswith("GGUF.") or key == "general.architecture":
-            continue
-        writer.add_key_value(
-            key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None
-        )
-    for tensor in reader.tensors:
-        if tensor.name == "blk.0.ffn_up.weight":
-            block, size = GGML_QUANT_SIZES[Q.Q2_K]  # one 256-value block per row
-            data = np.zeros((int(tensor.shape[1]), size), np.uint8)
-            writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=Q.Q2_K)
-        else:
-            writer.add_tensor(tensor.name, np.array(tensor.data))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    # One tensor as Q2_K (which gguf can read, but the engine does not accept).
+    writer_path = with_one_tensor_as(path, tmp_path / "q2k.gguf", "blk.0.ffn_up.weight", Q.Q2_K)
     with pytest.raises(
         ModelLoadError, match="'blk.0.ffn_up.weight' has type Q2_K, which is not supported"
     ):

@@ -27,6 +27,32 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
 
+    @classmethod
+    def serving(
+        cls,
+        name: str,
+        model: CausalLM,
+        tokenizer: Tokenizer,
+        chat_format: ChatFormat,
+        eos_token_ids: frozenset[int],
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> LoadedModel:
+        """The model as served: it stops at eos and at the chat format's end-of-turn tokens, and a
+        thread's log may grow to the model's position limit."""
+        return cls(
+            name=name,
+            model=model,
+            config=model.config,
+            tokenizer=tokenizer,
+            chat_format=chat_format,
+            eos_token_ids=eos_token_ids,
+            stop_token_ids=eos_token_ids | chat_format.stop_token_ids,
+            max_context_length=model.config.max_position_embeddings,
+            device=device,
+            dtype=dtype,
+        )
+
 
 def resolve_device(device: torch.device | str) -> torch.device:
     """'auto' -> cuda when available, else cpu; anything else as torch understands it."""

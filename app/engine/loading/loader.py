@@ -210,18 +210,7 @@ def resolve_model(
             )
         name = folder.name
         model, config = load_model(folder, device, dtype)
-    return LoadedModel(
-        name=name,
-        model=model,
-        config=config,
-        tokenizer=tokenizer,
-        chat_format=chat_format,
-        eos_token_ids=eos,
-        stop_token_ids=eos | chat_format.stop_token_ids,
-        max_context_length=config.max_position_embeddings,
-        device=device,
-        dtype=dtype,
-    )
+    return LoadedModel.serving(name, model, tokenizer, chat_format, eos, device, dtype)
 
 
 def _default_dtype(device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:

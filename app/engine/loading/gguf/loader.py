@@ -61,18 +61,7 @@ def load_gguf(
         raise ModelLoadError(f"{source}: {exc}") from exc
 
     model = load_gguf_network(gguf_file, config, device, dtype)
-    return LoadedModel(
-        name=name,
-        model=model,
-        config=config,
-        tokenizer=tokenizer,
-        chat_format=chat_format,
-        eos_token_ids=eos,
-        stop_token_ids=eos | chat_format.stop_token_ids,
-        max_context_length=config.max_position_embeddings,
-        device=device,
-        dtype=dtype,
-    )
+    return LoadedModel.serving(name, model, tokenizer, chat_format, eos, device, dtype)
 
 
 def load_gguf_network(

@@ -55,7 +55,7 @@ class ModelRunner:
             available = len(os.sched_getaffinity(0))
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
-            model.prepack_linears()
+        model.prepack_linears()  # oneDNN on a float32 CPU, one weight per q/k/v, gate/up elsewhere
         self.attn = create_backend(kv_caches, attention_backend)
         self.block_tables = DeviceBlockTable(self.device, self._tensor)
 

@@ -147,13 +147,13 @@ class DecodeStepCache:
 
     def can_run(self, num_tokens: int, max_seqlen_q: int) -> bool:
         """A step of decodes (one query per sequence) within a compiled bucket, every linear
-        still packed as it was when traced."""
+        still packed or fused as it was when traced."""
         if max_seqlen_q != 1:
             return False
         bucket = self.bucket_for(num_tokens)
         if bucket is None or self.steps[bucket] is None:
             return False
-        return all(group._packed is None or group.is_packed for group in self._groups)
+        return not any(group.is_stale for group in self._groups)
 
     def run(
         self,

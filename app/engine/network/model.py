@@ -203,7 +203,8 @@ class CausalLM(nn.Module):
 
     def prepack_linears(self) -> bool:
         """Prepack every linear for the CPU (see packed_linear.py); False where that does not
-        apply (CUDA, other dtypes, no oneDNN) and the plain linears serve."""
+        apply (CUDA, other dtypes, no oneDNN): q/k/v and gate/up are then fused into one plain
+        weight each, and the single linears serve as they are."""
         return all([group.pack() for group in self.linear_groups()])
 
     def init_rope(self, device: torch.device | str, dtype: torch.dtype) -> None:

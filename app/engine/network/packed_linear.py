@@ -9,7 +9,8 @@ step instead of 60; the same speed at 1 row and for long prefills). Packing the 
 
     group = LinearGroup(q_proj, k_proj, v_proj)
     q, k, v = group(x)          # three F.linear calls, or one packed GEMM split three ways
-    group.pack()                # the engine does this once, for a float32 model on the CPU
+    group.pack()                # the engine does this once: oneDNN for a float32 model on
+                                # the CPU, one concatenated weight elsewhere (CUDA, bf16)
     y_t = group.transposed(x)   # a few rows: (x W^T)^T = W x^T, [sum of out_features, rows]
 
 Under `torch.compile` (the compiled decode step, compiled_step.py) the group is called through
@@ -21,6 +22,11 @@ rows; output feature-major). It measured 5-17% faster per product at 8 rows on a
 slower than the packed product at 1-8 rows on the CPUs of the speed issue (2 cores of an AMD
 EPYC, torch 2.13: 22-30 GB/s against 35-38 GB/s at one row, whole decode steps 1.2-1.9x slower),
 so the model no longer calls it; it stays for CPUs where it wins.
+
+Where oneDNN packing does not apply (CUDA, other dtypes), `pack` still fuses a group of several
+linears: their weights become views of one torch.cat'd matrix (and biases one vector), and the
+group runs one `F.linear` over it and splits the output (`is_fused`): one GEMM launch instead of
+three for q/k/v, two for gate/up, and no extra memory.
 
 Packing makes the members' weights views of one concatenated matrix (the checkpoint's names and
 values are unchanged), so the only extra memory is the packed copy, one per weight. That copy is
@@ -35,6 +41,7 @@ import itertools
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SMALL_BATCH = 16  # rows up to which `transposed` beats the packed product (measured: 1-16 rows)
@@ -93,6 +100,8 @@ class LinearGroup:
         _GROUPS[self.handle] = self
         self._weight: torch.Tensor | None = None  # the members' weights as one matrix
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # plain weight, bias
+        # The sources' fingerprint when packed or fused (one of the two at a time).
         self._packed_from: list[tuple[int, int, int]] = []
 
     @property
@@ -102,14 +111,57 @@ class LinearGroup:
             self._packed is not None and _fingerprint(_sources(self.linears)) == self._packed_from
         )
 
+    @property
+    def is_fused(self) -> bool:
+        """Fused into one plain concatenated weight, and every source unchanged since."""
+        return self._fused is not None and _fingerprint(_sources(self.linears)) == self._packed_from
+
+    @property
+    def is_stale(self) -> bool:
+        """Packed or fused once, but a source weight or bias changed since (plain linears serve
+        until packed again)."""
+        if self._packed is None and self._fused is None:
+            return False
+        return _fingerprint(_sources(self.linears)) != self._packed_from
+
     def pack(self) -> bool:
-        """Prepack the group's weights (and biases) as one matrix; False where it does not apply."""
+        """Prepack the group's weights (and biases) as one oneDNN matrix; False where that does
+        not apply, and the group is fused into one plain weight instead (several linears)."""
         if self.is_packed:
             return True
-        weights = [linear.weight for linear in self.linears]
-        if not all(can_pack(w) for w in weights):
-            self.unpack()
+        if not all(can_pack(linear.weight) for linear in self.linears):
+            self.fuse()
             return False
+        weight, bias = self._concatenate()
+        with torch.inference_mode(False), torch.no_grad():
+            packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self._weight = weight
+        self._packed = (packed_weight, bias)
+        self._packed_from = _fingerprint(_sources(self.linears))
+        return True
+
+    def fuse(self) -> bool:
+        """Run the group as one F.linear over its concatenated weight (any device and dtype);
+        False for a single linear, which has nothing to fuse."""
+        if self.is_fused:
+            return True
+        self.unpack()
+        if len(self.linears) == 1:
+            return False
+        self._fused = self._concatenate()
+        self._packed_from = _fingerprint(_sources(self.linears))
+        return True
+
+    def unpack(self) -> None:
+        self._weight = None
+        self._packed = None
+        self._fused = None
+        self._packed_from = []
+
+    def _concatenate(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The members' weights as one matrix, which they become views of (names and values
+        unchanged), and their biases as one vector (zeros for a member without)."""
+        weights = [linear.weight for linear in self.linears]
         biases = [linear.bias for linear in self.linears]
         # Normal tensors even when called under inference mode: the staleness check reads
         # version counters, which inference tensors do not keep.
@@ -123,7 +175,6 @@ class LinearGroup:
                     end = start + w.shape[0]
                     linear.weight = nn.Parameter(weight[start:end], requires_grad=w.requires_grad)
                     start = end
-            packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
             bias = None
             if any(b is not None for b in biases):
                 bias = torch.cat(
@@ -132,15 +183,7 @@ class LinearGroup:
                         for w, b in zip(weights, biases, strict=True)
                     ]
                 )
-        self._weight = weight
-        self._packed = (packed_weight, bias)
-        self._packed_from = _fingerprint(_sources(self.linears))
-        return True
-
-    def unpack(self) -> None:
-        self._weight = None
-        self._packed = None
-        self._packed_from = []
+        return weight, bias
 
     def transposed(self, x: torch.Tensor) -> torch.Tensor | None:
         """W x^T for x [rows, in] (any strides): [sum of out_features, rows], feature-major.
@@ -154,10 +197,17 @@ class LinearGroup:
         return self._transposed_product(x)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if torch.compiler.is_compiling() and self._packed is not None:
-            out = torch.ops.kvthreads.packed_linear(x, self.handle, False)
+        if torch.compiler.is_compiling():  # packed or fused: checked before the step runs
+            if self._packed is not None:
+                out = torch.ops.kvthreads.packed_linear(x, self.handle, False)
+            elif self._fused is not None:
+                out = F.linear(x, *self._fused)
+            else:
+                return [linear(x) for linear in self.linears]
         elif self.is_packed:
             out = self._packed_product(x)
+        elif self.is_fused:
+            out = F.linear(x, *self._fused)
         else:
             return [linear(x) for linear in self.linears]
         if len(self.linears) == 1:

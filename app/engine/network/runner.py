@@ -3,7 +3,8 @@
 Per step it builds, from plain Python lists, one tensor each for the flat batch of new tokens
 (ids, positions, pool slots) and the attention metadata, runs the model over the KV pool, and
 computes logits only for the rows that sample: the last token of a finished prefill and every
-decode token.
+decode token. Block tables are not rebuilt: a persistent device table keeps a row per running
+sequence and receives only the blocks each step reaches for the first time (block_table.py).
 
     seq A: 5 cached, 3 new      input_ids: [a5 a6 a7 | b0 b1 b2 b3 | c9]
     seq B: 0 cached, 4 new      cu_seqlens_q: [0, 3, 7, 8]   seq_lens: [8, 4, 10]
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.network.attention import AttentionMetadata, create_backend
+from app.engine.network.block_table import DeviceBlockTable
 from app.engine.network.compiled_step import DecodeStepCache
 from app.engine.network.model import CausalLM
 from app.engine.runtime.scheduler import ScheduledBatch
@@ -53,8 +55,9 @@ class ModelRunner:
             available = len(os.sched_getaffinity(0))
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
-            model.prepack_linears()
+        model.prepack_linears()  # oneDNN on a float32 CPU, one weight per q/k/v, gate/up elsewhere
         self.attn = create_backend(kv_caches, attention_backend)
+        self.block_tables = DeviceBlockTable(self.device, self._tensor)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
         if self._is_cuda:
@@ -72,6 +75,8 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_seq_index: list[int] = []
         tables: list[list[int]] = []
+        num_blocks: list[int] = []
+        starts: list[int] = []
         for i, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             start = seq.num_cached_tokens
             end = start + num_new
@@ -86,16 +91,18 @@ class ModelRunner:
                 slot_mapping.extend(range(base + lo, base + hi))
             cu_seqlens_q.append(cu_seqlens_q[-1] + num_new)
             seq_lens.append(end)
-            tables.append(table[: -(-end // bs)])
+            tables.append(table)
+            num_blocks.append(min(len(table), -(-end // bs)))
+            starts.append(start)
             if end == seq.num_tokens:
                 sample_rows.append(cu_seqlens_q[-1] - 1)
                 sample_seq_index.append(i)
-        max_blocks = max(len(t) for t in tables)
-        padded_tables = [t + [0] * (max_blocks - len(t)) for t in tables]
-
+        block_tables = self.block_tables.build(
+            [seq.seq_id for seq in batch.seqs], tables, num_blocks, starts, seq_lens
+        )
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slot_mapping, torch.int64),
-            block_tables=self._tensor(padded_tables, torch.int32),
+            block_tables=block_tables,
             cu_seqlens_q=self._tensor(cu_seqlens_q, torch.int32),
             seq_lens=self._tensor(seq_lens, torch.int32),
             max_seqlen_q=max(batch.num_new_tokens),

@@ -7,6 +7,7 @@ in cache mode with the KV tiers off (pressure, `--tiers both`) gets a third line
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from bench.multiturn.records import RunResult
@@ -37,7 +38,8 @@ def plot_runs(
     if not pairs:
         raise ValueError("nothing to plot: no runs")
     columns = len(pairs)
-    fig, axes = plt.subplots(2, columns, figsize=(3.6 * columns, 5.6), squeeze=False)
+    width = max(3.6 * columns, 5.0)  # inches; one column alone is too narrow for its legends
+    fig, axes = plt.subplots(2, columns, figsize=(width, 5.6), squeeze=False)
     for col, pair in enumerate(pairs):
         ttft_ax, tokens_ax = axes[0][col], axes[1][col]
         lines = [(run.mode, run) for run in pair]
@@ -89,7 +91,7 @@ def plot_runs(
             ax.grid(True, alpha=0.3)
             ax.xaxis.get_major_locator().set_params(integer=True)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(textwrap.fill(title, width=int(width * 11)), fontsize=9)  # ~11 chars/inch
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)

@@ -19,6 +19,7 @@ from bench.multiturn.suite import (
     DEFAULT_MODEL,
     DEFAULT_REPLY_SCALE,
     SuiteOptions,
+    format_tiers_compare,
     load_result,
     plot_title,
     run_suite,
@@ -208,9 +209,13 @@ def _report_only(path: Path, plot_copy: Path | None) -> int:
     result = load_result(path)
     for pair in result.pairs:
         print(format_profile(*pair) + "\n")
+        off = result.tiers_off.get(pair[0].profile)
+        if off is not None:
+            print(format_tiers_compare(pair[0], off) + "\n")
     print(summary_text(result))
     if plot_copy is not None:
-        plot_runs(result.pairs, plot_copy, title=plot_title(result.meta), dpi=70)
+        title = plot_title(result.meta)
+        plot_runs(result.pairs, plot_copy, title=title, dpi=70, tiers_off=result.tiers_off)
         print(f"\nplot: {plot_copy}")
     return 0 if result.ok else 1
 

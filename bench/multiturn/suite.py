@@ -4,6 +4,7 @@ services   a throwaway database, one key, and per pool size a `cache` instance
            (KVTHREADS_RESIDENCY=on) and a `recompute` instance (off); or running ones by URL
 warm-up    one short thread per instance, not measured (first-call allocations, lazy imports)
 runs       for each profile: the same workload (same seed) in `cache`, then in `recompute`
+           (pressure with --tiers both: also in `cache` on an instance with the KV tiers off)
 outputs    bench/out/multiturn-<stamp>.json (every turn) and .png; the tables on stdout
 """
 
@@ -123,12 +124,13 @@ class SuiteResult:
     pairs: list[tuple[RunResult, RunResult]]
     json_path: Path
     plot_path: Path | None
+    tiers_off: dict[str, RunResult] = field(default_factory=dict)  # profile -> cache, tiers off
 
     @property
     def ok(self) -> bool:
-        """Every turn answered and the fresh-token check held in both modes."""
-        for pair in self.pairs:
-            for run in pair:
+        """Every turn answered and the fresh-token check held in every run."""
+        for runs in [*self.pairs, self.tiers_off.values()]:
+            for run in runs:
                 s = summarize(run)
                 if s.errors or not s.fresh_check.ok:
                     return False
@@ -267,7 +269,7 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
         if options.warmup:
             for url in {u for by_mode in urls.values() for u in by_mode.values()}:
                 asyncio.run(_warm_up(url, options))
-        pairs = []
+        pairs, tiers_off = [], {}
         for name, workload in workloads.items():
             runs = {}
             for mode in MODES:
@@ -284,19 +286,26 @@ def run_suite(options: SuiteOptions, log=print) -> SuiteResult:
             tiers_off_url = urls[_pool_of(name)].get(TIERS_OFF)
             if name == "pressure" and tiers_off_url:
                 log(f"bench: {name} / cache, tiers off: {workload.num_turns} turns ...", flush=True)
-                off = asyncio.run(_play_mode(workload, "cache", tiers_off_url, options, {}))
+                settings = dict(meta["services"]["pressure"][TIERS_OFF])
+                off = asyncio.run(_play_mode(workload, "cache", tiers_off_url, options, settings))
+                if database_url:
+                    asyncio.run(attach_server_timings(database_url, off))
+                tiers_off[name] = off
                 meta["tiers_compare"] = {"on": history_reuse(runs["cache"]),
                                          "off": history_reuse(off)}  # fmt: skip
-                log(format_tiers_compare(meta["tiers_compare"], runs["cache"], off), flush=True)
+                log(format_tiers_compare(runs["cache"], off), flush=True)
     meta["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     json_path = options.out_dir / f"multiturn-{stamp}.json"
-    json_path.write_text(
-        json.dumps(
-            {"meta": meta, "runs": [run.to_json() for pair in pairs for run in pair]}, indent=1
-        )
+    data = {
+        "meta": meta,
+        "runs": [run.to_json() for pair in pairs for run in pair],
+        "tiers_off": {name: run.to_json() for name, run in tiers_off.items()},
+    }
+    json_path.write_text(json.dumps(data, indent=1))
+    plot_path = _plot(pairs, tiers_off, options, meta, stamp)
+    return SuiteResult(
+        meta=meta, pairs=pairs, json_path=json_path, plot_path=plot_path, tiers_off=tiers_off
     )
-    plot_path = _plot(pairs, options, meta, stamp)
-    return SuiteResult(meta=meta, pairs=pairs, json_path=json_path, plot_path=plot_path)
 
 
 TIERS_OFF = "cache-tiers-off"
@@ -331,8 +340,10 @@ def _tier_hits_name(tier: str) -> str:
     return 'kvthreads_kv_tier_hits_total{tier="' + tier + '"}'
 
 
-def format_tiers_compare(compare: dict, on: RunResult, off: RunResult) -> str:
-    lines = ["pressure, KV tiers on vs off (cache mode, same workload):"]
+def format_tiers_compare(on: RunResult, off: RunResult) -> str:
+    """The same workload in cache mode with the KV tiers on and off: history reuse, tier hits."""
+    compare = {"on": history_reuse(on), "off": history_reuse(off)}
+    lines = [f"{on.profile}, KV tiers on vs off (cache mode, same workload):"]
     for name, run in (("on", on), ("off", off)):
         c = compare[name]
         counters = run.settings.get("server_counters", {})
@@ -440,12 +451,14 @@ def plot_title(meta: dict) -> str:
     )
 
 
-def _plot(pairs, options: SuiteOptions, meta: dict, stamp: str) -> Path | None:
+def _plot(pairs, tiers_off, options: SuiteOptions, meta: dict, stamp: str) -> Path | None:
     from bench.multiturn.plots import plot_runs
 
-    path = plot_runs(pairs, options.out_dir / f"multiturn-{stamp}.png", title=plot_title(meta))
+    title = plot_title(meta)
+    path = options.out_dir / f"multiturn-{stamp}.png"
+    plot_runs(pairs, path, title=title, tiers_off=tiers_off)
     if options.plot_copy is not None:
-        plot_runs(pairs, options.plot_copy, title=plot_title(meta), dpi=70)
+        plot_runs(pairs, options.plot_copy, title=title, dpi=70, tiers_off=tiers_off)
     return path
 
 
@@ -455,7 +468,10 @@ def load_result(path: Path) -> SuiteResult:
     runs = {(r["profile"], r["mode"]): RunResult.from_json(r) for r in data["runs"]}
     profiles = list(dict.fromkeys(profile for profile, _ in runs))
     pairs = [(runs[p, "cache"], runs[p, "recompute"]) for p in profiles]
-    return SuiteResult(meta=data["meta"], pairs=pairs, json_path=path, plot_path=None)
+    tiers_off = {p: RunResult.from_json(r) for p, r in data.get("tiers_off", {}).items()}
+    return SuiteResult(
+        meta=data["meta"], pairs=pairs, json_path=path, plot_path=None, tiers_off=tiers_off
+    )
 
 
 def criteria_lines(pairs: list[tuple[RunResult, RunResult]]) -> list[str]:

@@ -63,6 +63,7 @@ _LOG2_E = math.log2(math.e)
 _TARGET_PROGRAMS_PER_SM = 2
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 32
+INTERPRETER_ARCH = 90  # the tiles the interpreter runs; tests set 80 to run the sm_80 ones
 
 
 @triton.jit
@@ -286,7 +287,8 @@ def paged_attention(
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
     is_fp32 = q.dtype == torch.float32
-    block_m, block_q, block_n = _choose_tiles(group, head_dim, max_seqlen_q, is_fp32)
+    arch = device_arch(q.device)
+    block_m, block_q, block_n = _choose_tiles(group, head_dim, max_seqlen_q, is_fp32, arch)
     one_tile_per_seq = max_seqlen_q <= block_q
     num_tiles = num_seqs if one_tile_per_seq else num_tokens // block_q + num_seqs
 
@@ -319,6 +321,7 @@ def paged_attention(
         (block_m, block_q, block_n),
         split_kv=num_kv_splits > 1,
         one_tile_per_seq=one_tile_per_seq,
+        arch=arch,
     )
     variants.record(variant)
     with device_guard(q):
@@ -365,11 +368,13 @@ def paged_attention(
 
 
 def _choose_tiles(
-    group: int, head_dim: int, max_seqlen_q: int, is_fp32: bool
+    group: int, head_dim: int, max_seqlen_q: int, is_fp32: bool, arch: int
 ) -> tuple[int, int, int]:
-    """(BLOCK_M rows, BLOCK_Q query tokens per tile, BLOCK_N keys per step).
+    """(BLOCK_M rows, BLOCK_Q query tokens per tile, BLOCK_N keys per step) for a GPU of compute
+    capability `arch` (80 for sm_80, 90 for sm_90; `device_arch`).
 
-    Picked from the sm_90 compiles (registers, spills); see bench/gpu_check.py for timings.
+    Picked from the sm_80/sm_90 compiles (registers, spills: tests/kernels/test_aot_compile.py);
+    see bench/gpu_check.py for timings.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     # tl.dot needs at least 16 rows; a group wider than that takes a tile of its own.
@@ -385,6 +390,11 @@ def _choose_tiles(
     else:
         block_m = max(64 if block_d <= 128 else 32, min_rows)  # 64 rows: one wgmma tile
         block_n = 64 if block_d <= 128 else 32
+        if arch < 90 and block_d == 128:
+            # No wgmma before sm_90: mma.sync keeps q, the scores and the accumulator in
+            # registers, and 64 x 64 x 128 spills at 255 (2-17 local stores). 32 keys a step
+            # keep the 64 rows (each K/V tile still serves them all) in 184-237 registers.
+            block_n = 32
     return block_m, block_m // group, block_n
 
 
@@ -397,14 +407,22 @@ def _attention_variant(
     *,
     split_kv: bool,
     one_tile_per_seq: bool,
+    arch: int,
 ) -> variants.Variant:
     """The compiled variant of `_paged_attention_kernel` one launch asks for."""
     block_m, block_q, block_n = tiles
     is_fp32 = dtype == torch.float32
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    num_stages = 2 if is_fp32 else 3
+    if arch >= 90 and split_kv and block_m == 16 and block_d == 64 and not is_fp32:
+        # The split decode tile at 3 stages: ptxas (with Triton's --regAllocOptLevel=2) spills
+        # a 64-bit address of the split epilogue at 72 registers (12 bytes of spill stores).
+        # 2 stages: 66 registers, none; a split walks few key tiles, so the third buys little.
+        num_stages = 2
     constexprs = {
         "GROUP": group,
         "HEAD_DIM": head_dim,
-        "BLOCK_D": max(16, triton.next_power_of_2(head_dim)),
+        "BLOCK_D": block_d,
         "BLOCK_M": block_m,
         "BLOCK_Q": block_q,
         "BLOCK_N": block_n,
@@ -414,9 +432,7 @@ def _attention_variant(
         # fp32 inputs must stay fp32 in the dot: the default (tf32) loses the 1e-5 contract.
         "DOT_PRECISION": "ieee" if is_fp32 else "tf32",
     }
-    return variants.Variant.of(
-        "paged_attention", constexprs, num_warps=4, num_stages=2 if is_fp32 else 3
-    )
+    return variants.Variant.of("paged_attention", constexprs, num_warps=4, num_stages=num_stages)
 
 
 def _combine_variant(head_dim: int, num_kv_splits: int) -> variants.Variant:
@@ -452,10 +468,13 @@ def paged_attention_variants(
     dtype: torch.dtype,
     block_size: int,
     num_kv_splits: int = 1,
+    *,
+    arch: int,
 ) -> list[tuple[variants.Variant, int, int]]:
-    """Every compiled variant the launcher can choose for this model shape, with a launch that
-    reaches it: (variant, max_seqlen_q, num_kv_splits). `num_kv_splits`: the most splits the
-    device takes (`max_kv_splits`); the combine kernel's variants come with the split ones.
+    """Every compiled variant the launcher can choose for this model shape on a GPU of compute
+    capability `arch` (`device_arch`), with a launch that reaches it: (variant, max_seqlen_q,
+    num_kv_splits). `num_kv_splits`: the most splits the device takes (`max_kv_splits`); the
+    combine kernel's variants come with the split ones.
 
     The tiling depends on the batch only through max_seqlen_q, and only below 2 * BLOCK_M, so
     query lengths up to 256 reach every tile."""
@@ -463,7 +482,7 @@ def paged_attention_variants(
     is_fp32 = dtype == torch.float32
     found: dict[variants.Variant, tuple[variants.Variant, int, int]] = {}
     for max_seqlen_q in range(1, 257):
-        tiles = _choose_tiles(group, head_dim, max_seqlen_q, is_fp32)
+        tiles = _choose_tiles(group, head_dim, max_seqlen_q, is_fp32, arch)
         for splits in sorted({1, num_kv_splits}):
             variant = _attention_variant(
                 group,
@@ -473,12 +492,27 @@ def paged_attention_variants(
                 tiles,
                 split_kv=splits > 1,
                 one_tile_per_seq=max_seqlen_q <= tiles[1],
+                arch=arch,
             )
             found.setdefault(variant, (variant, max_seqlen_q, splits))
     for splits in range(2, num_kv_splits + 1):
         combine = _combine_variant(head_dim, splits)
         found.setdefault(combine, (combine, 1, splits))
     return list(found.values())
+
+
+def device_arch(device: torch.device) -> int:
+    """The compute capability the tiles are chosen for: 80 for sm_80, 90 for sm_90. Off CUDA
+    (the interpreter) it is INTERPRETER_ARCH."""
+    if device.type != "cuda":
+        return INTERPRETER_ARCH
+    return _cuda_arch(device.index or 0)
+
+
+@functools.cache
+def _cuda_arch(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
 
 
 @functools.cache

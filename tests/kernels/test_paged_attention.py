@@ -2,12 +2,14 @@
 
 Each batch is built fresh by `build_paged_batch` (kernels/testing.py, shared with bench/gpu_check.py):
 blocks scattered over the pool, NaN in every slot that holds no key. (prefix, q_len) pairs are
-chosen around the block size.
+chosen around the block size. Tests that reach a tiling that differs between sm_80 and sm_90
+(`_choose_tiles`: 16-bit prefill with BLOCK_D 128) run both, through the `arch` fixture.
 """
 
 import pytest
 import torch
 
+from kernels import paged_attention as pa
 from kernels.paged_attention import paged_attention
 from kernels.paged_attention_ref import paged_attention_ref
 from kernels.testing import TOLERANCES, PagedBatch, build_paged_batch
@@ -16,6 +18,13 @@ from kernels.testing import TOLERANCES, PagedBatch, build_paged_batch
 MIXED = [(0, 1), (0, 15), (16, 1), (17, 16), (5, 33), (0, 17), (31, 2)]
 # Decode only: one token per sequence, prefixes from empty to several blocks.
 DECODE = [(0, 1), (15, 1), (16, 1), (63, 1), (100, 1), (32, 1), (7, 1), (47, 1), (1, 1)]
+
+
+@pytest.fixture(params=[80, 90])
+def arch(request, monkeypatch) -> int:
+    """The interpreter runs the tiles `paged_attention` chooses on this compute capability."""
+    monkeypatch.setattr(pa, "INTERPRETER_ARCH", request.param)
+    return request.param
 
 
 def _run(batch: PagedBatch, **kwargs) -> torch.Tensor:
@@ -40,7 +49,7 @@ def _check(batch: PagedBatch, **kwargs) -> None:
         (6, 2, 32, 32),  # a group of 3: tiles hold a ragged number of tokens
     ],
 )
-def test_mixed_prefill_and_decode(dtype, num_heads, num_kv_heads, head_dim, block_size):
+def test_mixed_prefill_and_decode(arch, dtype, num_heads, num_kv_heads, head_dim, block_size):
     _check(build_paged_batch(MIXED, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=1))
 
 
@@ -54,14 +63,18 @@ def test_decode_batch(dtype, num_heads, num_kv_heads, head_dim, block_size):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(("seqs", "num_kv_splits"), [(DECODE, 3), (MIXED, 2), (DECODE, 8)])
-def test_split_kv_matches_one_pass(dtype, seqs, num_kv_splits):
-    # Splits of 64 keys: some sequences fill several splits, others leave splits empty.
-    batch = build_paged_batch(seqs, 4, 2, 32, 16, dtype, seed=3)
+@pytest.mark.parametrize(
+    ("seqs", "num_kv_splits", "head_dim"),
+    [(DECODE, 3, 32), (MIXED, 2, 32), (DECODE, 8, 32), (MIXED, 3, 96)],
+)
+def test_split_kv_matches_one_pass(arch, dtype, seqs, num_kv_splits, head_dim):
+    # Splits of 64 keys (32 for the sm_80 prefill tile at BLOCK_D 128): some sequences fill
+    # several splits, others leave splits empty.
+    batch = build_paged_batch(seqs, 4, 2, head_dim, 16, dtype, seed=3)
     _check(batch, num_kv_splits=num_kv_splits)
 
 
-def test_head_dim_not_a_power_of_two():
+def test_head_dim_not_a_power_of_two(arch):
     _check(build_paged_batch(MIXED, 4, 2, 80, 16, torch.float16, seed=4))
 
 

@@ -20,6 +20,7 @@ from kernels import variants
 from kernels._checks import require_launchable
 from kernels.paged_attention import (
     _paged_attention_kernel,
+    device_arch,
     max_kv_splits,
     paged_attention,
     paged_attention_variants,
@@ -89,7 +90,7 @@ class TritonBackend(AttentionBackend):
         splits = max_kv_splits(device, num_kv_heads, max_model_len)
         before = variants.used()
         for _, max_seqlen_q, num_kv_splits in paged_attention_variants(
-            num_heads, num_kv_heads, head_dim, dtype, block_size, splits
+            num_heads, num_kv_heads, head_dim, dtype, block_size, splits, arch=device_arch(device)
         ):
             q = torch.zeros(max_seqlen_q, num_heads, head_dim, dtype=dtype, device=device)
             kv = torch.zeros(max_seqlen_q, num_kv_heads, head_dim, dtype=dtype, device=device)

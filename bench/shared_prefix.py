@@ -15,6 +15,14 @@ Through the AsyncLLMEngine, as the service drives it, on the benchmark-size buil
    fork's first-turn TTFT.
 
 Prints both and writes bench/out/shared_prefix.json.
+
+    .venv/bin/python -m bench.shared_prefix --http [--history 2000] [--repeats 5]
+
+3. The fork through HTTP, on a `python -m app serve` instance over a throwaway Postgres
+   (bench/multiturn/service.py): a thread with a --history-token first message, then --repeats
+   times: a cached turn of the parent (client-side TTFT and total), POST
+   /v1/threads/{id}/fork (its round trip), the fork's first turn (TTFT). Medians, side by side;
+   writes bench/out/shared_prefix_http.json.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from app.engine.runtime.llm_engine import LLMEngine
 from app.engine.runtime.types import FinishEvent, SamplingParams
 
 OUT = Path(__file__).parent / "out" / "shared_prefix.json"
+OUT_HTTP = Path(__file__).parent / "out" / "shared_prefix_http.json"
 
 
 def ids(n: int, seed: int) -> list[int]:
@@ -146,6 +155,102 @@ def run(args) -> dict:
     return out
 
 
+async def http_fork_timing(url: str, api_key: str, args) -> dict:
+    """Step 3 against a running service: medians of --repeats (cached turn, fork, fork's turn)."""
+    import httpx
+
+    from bench.multiturn.client import HttpSender, ServiceError
+    from bench.multiturn.workloads import Conversation, TurnSpec
+
+    short = TurnSpec(args.user_tokens, args.reply_tokens)
+    # Turn 1 builds the thread; the parent's turns are 2, 4, ..., the forks' 3, 5, ...
+    conv = Conversation(0, 7, (TurnSpec(args.history, args.reply_tokens),) + (short,) * (
+        2 * args.repeats
+    ))  # fmt: skip
+    headers = {"Authorization": f"Bearer {api_key}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        sender = HttpSender(client)  # seeded sampling, as bench.multiturn
+
+        async def send(thread_id, turn):
+            record = await sender.send_turn(thread_id, conv, turn)
+            if record.error:
+                raise ServiceError(record.error)
+            return record
+
+        parent = await sender.create_thread(conv)
+        await send(parent, 1)
+        rows = []
+        for i in range(args.repeats):
+            cached = await send(parent, 2 + 2 * i)
+            tokens = len(await sender.token_log(parent))
+            start = time.perf_counter()
+            response = await client.post(f"/v1/threads/{parent}/fork", json={})
+            fork_s = time.perf_counter() - start
+            if response.status_code != 201:
+                raise ServiceError(f"fork: HTTP {response.status_code} {response.text[:200]}")
+            child = await send(response.json()["id"], 3 + 2 * i)
+            rows.append({
+                "thread_tokens": tokens,
+                "cached_turn_ttft_s": cached.ttft_s,
+                "cached_turn_total_s": cached.total_s,
+                "cached_turn_cached_tokens": cached.cached_tokens,
+                "cached_turn_fresh_tokens": cached.fresh_tokens,
+                "fork_s": fork_s,
+                "fork_first_turn_ttft_s": child.ttft_s,
+                "fork_first_turn_total_s": child.total_s,
+                "fork_first_turn_cached_tokens": child.cached_tokens,
+                "fork_first_turn_fresh_tokens": child.fresh_tokens,
+            })  # fmt: skip
+    # TTFT is the first streamed text (bench.multiturn's client): byte tokens that do not
+    # complete a character stream nothing, so it may come a few tokens late, and a reply whose
+    # text decodes to nothing has none; medians are of the turns that have one.
+    median = {k: statistics.median(r[k] for r in rows if r[k] is not None) for k in rows[0]}
+    return {"model": args.model, "repeats": rows, "median": median}
+
+
+def run_http(args) -> dict:
+    """Step 3 on a service instance of its own (throwaway database unless DATABASE_URL)."""
+    from bench.multiturn import service
+
+    out_dir = OUT_HTTP.parent
+    with service.database(os.environ.get("DATABASE_URL")) as database_url:
+        api_key = service.prepare_database(database_url)
+        instance = service.ServiceInstance(
+            name="shared-prefix",
+            settings={
+                "KVTHREADS_MODEL": args.model,
+                "KVTHREADS_KV_CACHE_MB": str(int(args.kv_cache_mb)),
+                "KVTHREADS_LOG_LEVEL": "warning",
+                "KVTHREADS_DISK_CACHE_DIR": str((out_dir / "kv-shared-prefix").resolve()),
+            },
+            database_url=database_url,
+            log_path=out_dir / "shared_prefix_http.log",
+        )
+        with service.running([instance]):
+            return asyncio.run(http_fork_timing(instance.url, api_key, args))
+
+
+def print_http(out: dict) -> None:
+    m = out["median"]
+    print(f"{out['model']}, through HTTP, medians of {len(out['repeats'])}")
+    print(f"{'':>22} {'TTFT ms':>8} {'total ms':>9} {'cached':>7} {'computed':>9}")
+    print(
+        f"{'cached turn (parent)':>22} {m['cached_turn_ttft_s'] * 1e3:>8.1f} "
+        f"{m['cached_turn_total_s'] * 1e3:>9.1f} {m['cached_turn_cached_tokens']:>7.0f} "
+        f"{m['cached_turn_fresh_tokens']:>9.0f}"
+    )
+    print(f"{'POST fork':>22} {'':>8} {m['fork_s'] * 1e3:>9.1f}")
+    print(
+        f"{'fork first turn':>22} {m['fork_first_turn_ttft_s'] * 1e3:>8.1f} "
+        f"{m['fork_first_turn_total_s'] * 1e3:>9.1f} {m['fork_first_turn_cached_tokens']:>7.0f} "
+        f"{m['fork_first_turn_fresh_tokens']:>9.0f}"
+    )
+    print(f"thread: {m['thread_tokens']:.0f} tokens at the fork (median)")
+    missing = sum(r[k] is None for r in out["repeats"] for k in r)
+    if missing:
+        print(f"({missing} TTFTs missing: replies that streamed no text; medians of the rest)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="builtin-bench-random")
@@ -155,7 +260,16 @@ def main() -> None:
     parser.add_argument("--user-tokens", type=int, default=16)
     parser.add_argument("--reply-tokens", type=int, default=8)
     parser.add_argument("--kv-cache-mb", type=float, default=1024)
+    parser.add_argument("--http", action="store_true", help="the fork through HTTP (step 3)")
+    parser.add_argument("--repeats", type=int, default=5, help="--http: fork rounds")
     args = parser.parse_args()
+    if args.http:
+        out = run_http(args)
+        print_http(out)
+        OUT_HTTP.parent.mkdir(parents=True, exist_ok=True)
+        OUT_HTTP.write_text(json.dumps(out, indent=2))
+        print(f"wrote {OUT_HTTP}")
+        return
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     out = run(args)
 

@@ -20,6 +20,10 @@ hold it too (the pool counts holders). A block is freed when its last holder let
 then stays findable in the free queue until an allocation reuses it. The last, partly filled
 block of a thread is always private: a thread whose kept tokens end inside a block it does not
 own alone gets a copy of it first (`copy_block(src, dst)`, done by the engine in the KV tensor).
+A thread whose prompt goes on, past the full blocks it found, with tokens another thread of its
+scope holds in its next block (partly filled, or full with other tokens after them) gets a copy
+of that block at admission and keeps the matching tokens: cached, though not shared (the copy
+is its own). 100 threads on one 1,000-token system prompt compute only their own messages.
 A scope of None keeps a thread out of sharing altogether (no hashes, nothing found).
 
     thread a:  [ 7 | 2 | 9 ]   a b c d | e f g h | i j . .
@@ -75,7 +79,9 @@ class CacheLookup:
     num_cached_tokens: int
     miss_reason: MissReason | None  # None: a hit, the whole resident KV was reused
     block_table: list[int]
-    num_shared_tokens: int = 0  # of the cached tokens, those in blocks other threads hold too
+    # Of the cached tokens, those in blocks other threads hold too. The tokens of a partial
+    # block copied from another thread are cached but not shared: the copy is private.
+    num_shared_tokens: int = 0
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -122,6 +128,11 @@ class KVCacheManager:
         self._shared_tokens = 0
         self._computed_tokens = 0
         self._block_copies = 0
+        # prev hash -> threads that held KV in the block after it (the block named prev, or
+        # the root for block 0): where begin_turn looks for a partial block to copy. Lazy:
+        # an entry may be stale (the thread let go of that block since) and is verified,
+        # token by token, when found; every resident thread's blocks are listed.
+        self._next: dict[BlockHash, dict[Hashable, None]] = {}
 
     # ---- the turn ------------------------------------------------------------------------
 
@@ -196,6 +207,8 @@ class KVCacheManager:
                     found = range(num_own_full, len(entry.block_table))
         self._truncate(entry, num_cached)
         num_cached = len(entry.token_ids)  # less when a shared partial block found no room
+        if root is not None and num_cached % self.block_size == 0:
+            num_cached = self._may_copy_partial(entry, prompt_ids)
         if self.residency:
             self._ever_held.add(key)
         if reason is None:
@@ -207,9 +220,6 @@ class KVCacheManager:
             for i, block_id in enumerate(entry.block_table[: num_cached // self.block_size])
             if i in found or self.pool.ref_count(block_id) > 1
         )
-        self._cached_tokens += num_cached
-        self._shared_tokens += num_shared
-        return CacheLookup(num_cached, reason, entry.block_table, num_shared)
         self._cached_tokens += num_cached
         self._shared_tokens += num_shared
         return CacheLookup(num_cached, reason, entry.block_table, num_shared)
@@ -255,6 +265,7 @@ class KVCacheManager:
         if entry.root is not None:
             self._name_full_blocks(entry, entry.token_ids)
         self._truncate(entry, len(computed_ids) if self.residency else 0)
+        self._index(entry)
 
     def release(self, key: Hashable, keep_tokens: int | None = None) -> None:
         """End a pinned thread's turn: keep its first keep_tokens tokens (all if None), unpin.
@@ -269,6 +280,7 @@ class KVCacheManager:
         # Blocks reserved past the recorded tokens (a turn that never reached finish_turn).
         self._truncate(entry, len(entry.token_ids))
         entry.pinned = False
+        self._index(entry)
         self._park(entry)
 
     def drop_blocks(self, key: Hashable) -> None:
@@ -287,6 +299,7 @@ class KVCacheManager:
                 raise ThreadInFlight(f"thread {key!r} has a turn in flight; finish it first")
             self._lru_remove(entry)
             self.pool.free(entry.block_table)
+            self._unindex(entry)
             del self._threads[key]
         self._ever_held.discard(key)
 
@@ -330,6 +343,7 @@ class KVCacheManager:
         entry.pinned = False
         if root is not None:
             self._name_full_blocks(entry, entry.token_ids)
+            self._index(entry)
         self._ever_held.add(key)
         self._park(entry)
         return list(zip(missing, fresh, strict=True))
@@ -387,6 +401,7 @@ class KVCacheManager:
             if was_parked and parent in self._threads:
                 self._lru[parent] = None
         self._threads[child] = entry
+        self._index(entry)
         self._park(entry)
         return len(entry.token_ids)
 
@@ -513,6 +528,10 @@ class KVCacheManager:
                 assert key in self._lru, f"unpinned thread {key!r} missing from the LRU"
                 if entry.root is not None:
                     assert len(entry.block_hashes) == len(entry.token_ids) // self.block_size
+                    for prev in [entry.root, *entry.block_hashes][: len(entry.block_table)]:
+                        assert key in self._next.get(prev, ()), (
+                            f"thread {key!r} is missing from the partial block index"
+                        )
                 if len(entry.token_ids) % self.block_size:
                     assert self.pool.is_private(entry.block_table[-1]), (
                         f"thread {key!r}'s partial last block is shared"
@@ -577,6 +596,80 @@ class KVCacheManager:
             if was_parked and entry.block_table:
                 self._lru[entry.key] = None
 
+    def _may_copy_partial(self, entry: ThreadCache, prompt_ids: Sequence[int]) -> int:
+        """Copy-on-admission. The entry holds prompt_ids' first n full blocks and nothing past
+        them; when another thread of its scope holds KV of the tokens that follow, in its block
+        n (partly filled, or full with other tokens after them), copy that block into a private
+        one and keep its matching tokens. Returns the tokens the entry holds now.
+
+            other:  [ 7 | 2 | 9 ]   a b c d | e f g h | i j k l
+            entry:  [ 7 | 2 | 5 ]   a b c d | e f g h | i j . .   5 = copy of 9, 2 ids kept
+        """
+        bs = self.block_size
+        n = len(entry.block_table)
+        start = n * bs
+        limit = min(start + bs, len(prompt_ids) - 1)  # the last prompt token is computed
+        if limit <= start:
+            return start
+        extend_hashes(entry.block_hashes, entry.root, entry.token_ids, bs)  # type: ignore[arg-type]
+        prev = entry.block_hashes[n - 1] if n else entry.root
+        candidates = self._next.get(prev)  # type: ignore[arg-type]
+        if not candidates:
+            return start
+        want = list(prompt_ids[start:limit])
+        best, best_len = None, 0
+        for key in list(candidates):
+            other = self._threads.get(key)
+            if (
+                other is None
+                or other.root != entry.root
+                or len(other.token_ids) <= start
+                or (n and other.block_hashes[n - 1 : n] != [prev])
+            ):
+                del candidates[key]  # stale: the thread let go of that block
+                continue
+            if key == entry.key:
+                continue
+            match = common_prefix_len(other.token_ids[start : start + bs], want)
+            if match > best_len and other.token_ids[:start] == entry.token_ids[:start]:
+                best, best_len = other, match
+                if match == len(want):
+                    break
+        if not candidates:
+            del self._next[prev]  # type: ignore[arg-type]
+        if best is None:
+            return start
+        src = best.block_table[n]
+        self.pool.acquire(src)  # kept from reuse while a copy is found room for
+        was_parked = best.key in self._lru
+        self._lru_remove(best)
+        dst = self._allocate_private()
+        if dst is not None:
+            self._copy(src, dst)
+            entry.block_table.append(dst)
+            entry.token_ids = list(prompt_ids[: start + best_len])
+        self.pool.free([src])
+        if was_parked and best.key in self._threads:
+            self._lru[best.key] = None
+        return len(entry.token_ids)
+
+    def _index(self, entry: ThreadCache) -> None:
+        """List the thread under the hash before each block it holds (see `_next`)."""
+        if entry.root is None:
+            return
+        for prev in [entry.root, *entry.block_hashes][: len(entry.block_table)]:
+            self._next.setdefault(prev, {})[entry.key] = None
+
+    def _unindex(self, entry: ThreadCache) -> None:
+        if entry.root is None:
+            return
+        for prev in [entry.root, *entry.block_hashes]:
+            holders = self._next.get(prev)
+            if holders is not None:
+                holders.pop(entry.key, None)
+                if not holders:
+                    del self._next[prev]
+
     def _copy(self, src: int, dst: int) -> None:
         if self.copy_block is not None:
             self.copy_block(src, dst)
@@ -614,6 +707,7 @@ class KVCacheManager:
         if entry.block_table:
             self._lru[entry.key] = None
         else:
+            self._unindex(entry)
             del self._threads[entry.key]
 
     def _lru_remove(self, entry: ThreadCache) -> None:
@@ -634,4 +728,5 @@ class KVCacheManager:
         if self.on_evict is not None:
             self.on_evict(entry)  # its blocks still hold its KV: moved down a tier
         self.pool.free(entry.block_table)
+        self._unindex(entry)
         self._evictions += 1

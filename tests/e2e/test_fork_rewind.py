@@ -157,12 +157,16 @@ async def test_prefix_sharing_stays_within_an_account_unless_allowed(open_api, n
         b = {"Authorization": f"Bearer {await new_key('b')}"}
         await _talk(client, await _thread(client, headers=a), "Hello.", headers=a)
         same = await _talk(client, await _thread(client, headers=a), "Hi.", headers=a)
-        assert same["usage"]["cached_tokens"] == same["cache"]["shared_tokens"] > 0
+        # Shared full blocks, and the tokens of a partial block copied at admission (cached,
+        # not shared: the copy is the thread's own).
+        assert 0 < same["cache"]["shared_tokens"] <= same["usage"]["cached_tokens"]
+        assert same["usage"]["cached_tokens"] - same["cache"]["shared_tokens"] < 16
         other = await _talk(client, await _thread(client, headers=b), "Hi.", headers=b)
         assert other["cache"]["miss_reason"] == "new_thread"
         if other_shares:  # at least the system prompt's blocks (also those of "Hi." here)
-            assert other["usage"]["cached_tokens"] == other["cache"]["shared_tokens"]
+            assert other["usage"]["cached_tokens"] >= other["cache"]["shared_tokens"]
             assert other["cache"]["shared_tokens"] >= same["cache"]["shared_tokens"]
+            assert other["usage"]["cached_tokens"] >= same["usage"]["cached_tokens"]
         else:
             assert other["usage"]["cached_tokens"] == other["cache"]["shared_tokens"] == 0
             assert other["usage"]["fresh_tokens"] == other["usage"]["input_tokens"]

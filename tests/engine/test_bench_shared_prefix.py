@@ -16,7 +16,7 @@ def test_shared_prefix_bench_at_a_tiny_size():
     assert shared["logical_tokens"] == private["logical_tokens"]
     assert shared["unique_tokens"] < private["unique_tokens"] == private["logical_tokens"]
     assert shared["used_blocks"] < private["used_blocks"]
-    assert shared["later_computed_tokens"] == 8 + 100 % 16
+    assert shared["later_computed_tokens"] == 8  # own tokens only: the tail block is copied
     assert private["later_computed_tokens"] == 108
     fork = out["fork"]
     assert fork["fork_held_tokens"] == fork["thread_tokens"] - 1

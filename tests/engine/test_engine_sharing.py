@@ -83,14 +83,17 @@ def test_a_new_thread_is_served_from_another_threads_prefix_exactly(model):
     d = Driver(model)
     system = random_ids(18, seed=10)  # 4 full blocks and 2 tokens
     d.turn("a", system + random_ids(5, seed=11), first_turn=True)
+    # b's prefix: a's 4 full blocks (shared) and a copy of a's block 4 for the last 2 system
+    # tokens; its logits are checked against a recomputation (Driver.turn).
     event = d.turn("b", system + random_ids(6, seed=12), first_turn=True)
     counts = event.counts
     assert (counts.cached_tokens, counts.shared_tokens, counts.miss_reason) == (
-        16,
+        18,
         16,
         MissReason.NEW_THREAD,
     )
-    assert counts.computed_tokens == 24 - 16
+    assert counts.computed_tokens == 6  # its own message only
+    assert d.engine.stats().block_copies == 1
     stats = d.engine.stats()
     assert stats.shared_tokens == 16 and stats.num_shared_blocks == 4
     assert stats.unique_tokens < stats.logical_tokens
@@ -153,17 +156,21 @@ def test_a_hundred_threads_on_one_system_prompt_hold_it_once():
     system = random_ids(1000, seed=50, vocab_size=256)
     prefix_blocks = len(system) // bs  # 62 full blocks; 8 tokens left in a partial one
     for i in range(100):
-        own = random_ids(8, seed=100 + i, vocab_size=256)
+        # A first id no other thread's message has: nothing of the message is found cached.
+        own = [i, *random_ids(7, seed=100 + i, vocab_size=256)]
         engine.add_request(f"t{i}", system, own, greedy(2), first_turn=True, share_scope="acct")
         (event,) = run_to_finish(engine, commit=True).values()
         counts = event.counts
         if i == 0:
             assert counts.computed_tokens == 1008
         else:
-            # Its own tokens, and the system prompt's tail that ends inside a block.
-            assert counts.computed_tokens == len(own) + len(system) % bs
-            assert counts.cached_tokens == counts.shared_tokens == prefix_blocks * bs
+            # Its own tokens only: the system prompt's 62 full blocks are shared, its last 8
+            # tokens come in a private copy of thread 0's block 62 (cached, not shared).
+            assert counts.computed_tokens == len(own)
+            assert counts.cached_tokens == len(system)
+            assert counts.shared_tokens == prefix_blocks * bs
     stats = engine.stats()
+    assert stats.block_copies == 99
     # Per thread, privately: 8 system tokens + 8 own + 1 generated with KV = 17, two blocks.
     private_blocks = 2
     assert stats.num_used_blocks == prefix_blocks + 100 * private_blocks

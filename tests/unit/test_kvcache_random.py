@@ -9,6 +9,9 @@ manager asks, and checks after every operation that
 - writes only ever land in blocks that their thread holds alone and that have no name;
 - reference counts equal the holders the reference model counts, the free count is the rest;
 - threads of different accounts never hold the same block.
+
+A new thread's first turn may start from another thread's partial block (copied at admission):
+the KV check above proves the copy holds exactly the ids the thread keeps.
 """
 
 import random
@@ -32,6 +35,7 @@ class Engine:
         self.logs: dict[str, list[int]] = {}
         self.accounts: dict[str, str] = {}
         self.next_id = 0
+        self.partial_copies = 0  # turns that began with another thread's partial block copied
 
     def copy_block(self, src: int, dst: int) -> None:
         for offset in range(BLOCK_SIZE):
@@ -86,10 +90,13 @@ class Engine:
         new = [rng.randrange(30, 40) for _ in range(rng.randrange(1, 7))]
         prompt = log + new
         kv = self.kv
+        held = kv.thread_state(key).cached_tokens
         lookup = kv.begin_turn(key, prompt, first_turn=False, scope=self.accounts[key])
         table = lookup.block_table
         done = lookup.num_cached_tokens
         assert done < len(prompt)
+        if done > held and done % BLOCK_SIZE:
+            self.partial_copies += 1
         ids = list(prompt)
         target = len(prompt) + rng.randrange(0, 6)  # prompt, then decode steps
         while done < target:
@@ -161,3 +168,4 @@ def test_random_operations_agree_with_the_reference(seed):
         engine.check()
     stats = engine.kv.stats()
     assert stats.evictions > 0 and stats.shared_tokens > 0 and stats.block_copies > 0
+    assert engine.partial_copies > 0

@@ -50,12 +50,14 @@ def test_a_second_thread_reuses_the_full_blocks_of_a_common_prefix():
     system = list(range(10))  # blocks [0 1 2 3] [4 5 6 7] [8 9 . .]
     run_turn(kv, "a", system + [50], system + [50, 60])  # a: blocks 0 1 2
     lookup = kv.begin_turn("b", system + [70, 71], first_turn=True, scope="acct")
-    assert (lookup.num_cached_tokens, lookup.miss_reason) == (8, MissReason.NEW_THREAD)
-    assert lookup.num_shared_tokens == 8
-    assert lookup.block_table == [0, 1]  # a's blocks, held twice now
-    assert [kv.pool.ref_count(b) for b in (0, 1, 2)] == [2, 2, 1]
+    # a's full blocks, held twice now, and a private copy of a's block 2 for the ids 8 9.
+    assert (lookup.num_cached_tokens, lookup.miss_reason) == (10, MissReason.NEW_THREAD)
+    assert lookup.num_shared_tokens == 8  # the copied ids are cached, not shared
+    assert lookup.block_table == [0, 1, 3]
+    assert copies == [(2, 3)]
+    assert [kv.pool.ref_count(b) for b in (0, 1, 2, 3)] == [2, 2, 1, 1]
     assert kv.ensure_blocks("b", 12)
-    assert lookup.block_table == [0, 1, 3]  # its own partial block
+    assert lookup.block_table == [0, 1, 3]
     kv.finish_turn("b", system + [70, 71])
     kv.release("b")
     kv.check_integrity()
@@ -63,7 +65,29 @@ def test_a_second_thread_reuses_the_full_blocks_of_a_common_prefix():
     assert (stats.logical_tokens, stats.unique_tokens, stats.num_shared_blocks) == (24, 16, 2)
     assert stats.shared_tokens == 8
     assert kv.thread_state("b").shared_tokens == 8
-    assert copies == []
+    assert copies == [(2, 3)]
+
+
+def test_a_partial_block_is_copied_from_the_thread_with_the_longest_exact_match():
+    kv, copies = make(num_blocks=12)
+    system = list(range(6))  # blocks [0 1 2 3] [4 5 . .]
+    run_turn(kv, "a", system, system)  # a: blocks 0 1, its last one partial (4 5)
+    run_turn(kv, "b", system + [7, 8], system + [7, 8, 9])  # b: 0 and 2 [4 5 7 8], 3 [9]
+    assert copies == [(1, 2)]  # b copied a's partial block, then wrote 7 8 after 4 5
+    # c matches b's full block 2 for 3 ids (4 5 7), a's partial one for 2: b's is copied.
+    lookup = kv.begin_turn("c", system + [7, 6, 1], first_turn=True, scope="acct")
+    assert (lookup.num_cached_tokens, lookup.num_shared_tokens) == (7, 4)
+    assert lookup.block_table == [0, 4] and copies[-1] == (2, 4)
+    kv.release("c", keep_tokens=lookup.num_cached_tokens)
+    kv.check_integrity()
+    # Another scope finds nothing; a prompt that differs inside block 0 neither.
+    lookup = kv.begin_turn("d", system + [7], first_turn=True, scope="other")
+    assert lookup.num_cached_tokens == 0
+    kv.release("d", keep_tokens=0)
+    lookup = kv.begin_turn("e", [0, 1, 9, 3, 4], first_turn=True, scope="acct")
+    assert lookup.num_cached_tokens == 2  # block 0's first two ids, copied from a
+    kv.release("e", keep_tokens=0)
+    kv.check_integrity()
 
 
 def test_scopes_never_share():

@@ -66,6 +66,9 @@ class ThreadCache:
     root: BlockHash | None = None
     pinned: bool = False
     last_used: float | None = None
+    # The thread's committed log length when this process last committed or cut it (None:
+    # unknown); a later turn whose history is longer finds it moved on elsewhere (stale).
+    num_log_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -132,9 +135,12 @@ class KVCacheManager:
         *,
         first_turn: bool,
         scope: Hashable | None = None,
+        num_history_tokens: int | None = None,
     ) -> CacheLookup:
         """Pin the thread and find how much of prompt_ids is already computed: its own resident
         KV, or (when scope is not None) full blocks of the same scope that any thread computed.
+        `num_history_tokens` (the committed log's length, the rest of prompt_ids is the new
+        message) tells a resident KV left behind by turns committed elsewhere (`stale`).
 
         At least the last prompt token is always left to compute: its logits give the first
         sampled token. Resident KV past the kept prefix is freed.
@@ -161,6 +167,13 @@ class KVCacheManager:
             match = common_prefix_len(held, prompt_ids)
             num_cached = min(match, len(prompt_ids) - 1)
             reason = None if match == len(held) else MissReason.MISMATCH
+            if (
+                reason is None
+                and num_history_tokens is not None
+                and entry.num_log_tokens is not None
+                and num_history_tokens > entry.num_log_tokens
+            ):
+                reason = MissReason.STALE
         else:
             num_cached = 0
             if first_turn:
@@ -256,12 +269,17 @@ class KVCacheManager:
             self._name_full_blocks(entry, entry.token_ids)
         self._truncate(entry, len(computed_ids) if self.residency else 0)
 
-    def release(self, key: Hashable, keep_tokens: int | None = None) -> None:
+    def release(
+        self, key: Hashable, keep_tokens: int | None = None, *, num_log_tokens: int | None = None
+    ) -> None:
         """End a pinned thread's turn: keep its first keep_tokens tokens (all if None), unpin.
+        `num_log_tokens`: the committed log's length after this turn, when the caller knows it.
 
         A thread left with no blocks is dropped; one with blocks becomes the most recently used.
         """
         entry = self._pinned_entry(key)
+        if num_log_tokens is not None:
+            entry.num_log_tokens = num_log_tokens
         if keep_tokens is not None:
             if keep_tokens < 0:
                 raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
@@ -360,7 +378,7 @@ class KVCacheManager:
         if source.pinned:  # its table grows past its token ids: share only what they cover
             num_tokens = min(num_tokens, len(source.token_ids))
         num_full = num_tokens // self.block_size
-        entry = ThreadCache(child, root=source.root)
+        entry = ThreadCache(child, root=source.root, num_log_tokens=len(token_ids))
         entry.block_table = source.block_table[:num_full]
         if source.root is not None:
             # Shared blocks are named. A full block of the parent's that is not (a copy of a
@@ -400,6 +418,7 @@ class KVCacheManager:
             raise ThreadInFlight(f"thread {key!r} has a turn in flight")
         self._lru_remove(entry)
         self._truncate(entry, common_prefix_len(entry.token_ids, token_ids))
+        entry.num_log_tokens = len(token_ids)
         self._park(entry)
         return len(entry.token_ids)
 

@@ -207,8 +207,9 @@ class AsyncLLMEngine:
         )
         return stream
 
-    def commit_turn(self, thread_key: Hashable) -> None:
-        """Keep the finished turn's KV resident and unpin the thread. A no-op after shutdown."""
+    def commit_turn(self, thread_key: Hashable, *, num_log_tokens: int | None = None) -> None:
+        """Keep the finished turn's KV resident and unpin the thread. A no-op after shutdown.
+        `num_log_tokens`: the committed log's length (see LLMEngine.commit_turn)."""
         with self._lock:
             if self._closed:
                 return
@@ -216,7 +217,7 @@ class AsyncLLMEngine:
             if stream is None or stream.finish is None:
                 raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
             del self._turns[thread_key]
-        self._submit(partial(self.engine.commit_turn, thread_key))
+        self._submit(partial(self.engine.commit_turn, thread_key, num_log_tokens=num_log_tokens))
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the thread's KV to its history before the turn and unpin it; a turn still

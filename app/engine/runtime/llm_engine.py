@@ -271,7 +271,11 @@ class LLMEngine:
             elif restored is not None:  # read for nothing (cannot happen through the bridge)
                 self.tiers.unpin_disk(thread_key)
             lookup = self.kv.begin_turn(
-                thread_key, prompt, first_turn=first_turn, scope=share_scope
+                thread_key,
+                prompt,
+                first_turn=first_turn,
+                scope=share_scope,
+                num_history_tokens=len(history_ids),
             )
             miss_reason = MissReason.SNAPSHOT_INVALID if refused else lookup.miss_reason
             if refused and lookup.miss_reason is not None:
@@ -326,12 +330,14 @@ class LLMEngine:
                 self.rollback_turn(key)
             return in_flight
 
-    def commit_turn(self, thread_key: Hashable) -> None:
-        """Keep the finished turn's KV resident; unpin the thread, now the most recently used."""
+    def commit_turn(self, thread_key: Hashable, *, num_log_tokens: int | None = None) -> None:
+        """Keep the finished turn's KV resident; unpin the thread, now the most recently used.
+        `num_log_tokens`: the thread's log length as committed (reply and its closing tokens
+        included); a later turn with a longer history then knows it ran elsewhere (`stale`)."""
         with self.lock:
             if self._awaiting_commit.pop(thread_key, None) is None:
                 raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
-            self.kv.release(thread_key)
+            self.kv.release(thread_key, num_log_tokens=num_log_tokens)
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the finished turn's thread back to its committed history and unpin it.

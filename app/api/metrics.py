@@ -55,7 +55,7 @@ class Exposition:
 # name, type, help, KVCacheStats field: one unlabelled sample each.
 ENGINE_SCALARS = (
     ("kvthreads_kv_hits_total", "counter",
-     "Turns that reused all of their thread's resident KV.", "hits"),
+     "Committed turns that reused their whole history's KV (counted at commit).", "hits"),
     ("kvthreads_kv_evictions_total", "counter",
      "Resident threads evicted whole to make room.", "evictions"),
     ("kvthreads_kv_preemptions_total", "counter",
@@ -89,7 +89,7 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
     out.add(
         "kvthreads_kv_misses_total",
         "counter",
-        "Turns that could not reuse their history's KV, by reason.",
+        "Committed turns that could not reuse their whole history's KV, by reason.",
         (({"reason": reason}, n) for reason, n in sorted(stats.misses.items())),
     )
     out.add(

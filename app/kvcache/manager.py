@@ -10,6 +10,7 @@ KV those blocks hold. A turn goes through
     note_progress(key, ids, n)             the first n ids have KV now: name their full blocks
     finish_turn(key, ids)                  the ids whose KV is now held (prompt + generated[:-1])
     release(key, keep_tokens)              unpin, optionally truncate (a rollback), mark used
+    count_turn(reason, cached, shared)     a committed turn's hit or miss, for stats()
 
 and between turns a thread may be forked (`fork`: the child holds the parent's full blocks and a
 copy of its partial one) or rewound (`truncate`).
@@ -211,20 +212,12 @@ class KVCacheManager:
         num_cached = len(entry.token_ids)  # less when a shared partial block found no room
         if self.residency:
             self._ever_held.add(key)
-        if reason is None:
-            self._hits += 1
-        else:
-            self._misses[reason.value] += 1
         num_shared = self.block_size * sum(
             1
             for i, block_id in enumerate(entry.block_table[: num_cached // self.block_size])
             if i in found or self.pool.ref_count(block_id) > 1
         )
-        self._cached_tokens += num_cached
-        self._shared_tokens += num_shared
         return CacheLookup(num_cached, reason, entry.block_table, num_shared)
-        self._cached_tokens += num_cached
-        self._shared_tokens += num_shared
         return CacheLookup(num_cached, reason, entry.block_table, num_shared)
 
     def ensure_blocks(self, key: Hashable, num_tokens: int) -> bool:
@@ -352,11 +345,18 @@ class KVCacheManager:
         self._park(entry)
         return list(zip(missing, fresh, strict=True))
 
-    def recount_miss(self, counted: MissReason, instead: MissReason) -> None:
-        """A turn's miss was counted as `counted`, but the caller knows better (e.g. its disk
-        snapshot was refused: `snapshot_invalid` rather than `restarted`)."""
-        self._misses[counted.value] -= 1
-        self._misses[instead.value] += 1
+    def count_turn(self, miss_reason: MissReason | None, num_cached: int, num_shared: int) -> None:
+        """A turn committed: count its hit or miss and the prompt tokens it found cached.
+
+        Counted when the turn ends, not at begin_turn: a preempted turn is admitted again and
+        ends a miss (evicted), a rolled back one is not billed, and these counters agree with
+        the ledger."""
+        if miss_reason is None:
+            self._hits += 1
+        else:
+            self._misses[miss_reason.value] += 1
+        self._cached_tokens += num_cached
+        self._shared_tokens += num_shared
 
     def note_computed(self, num_tokens: int) -> None:
         self._computed_tokens += num_tokens

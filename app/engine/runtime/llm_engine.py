@@ -278,12 +278,9 @@ class LLMEngine:
                 num_history_tokens=len(history_ids),
             )
             miss_reason = MissReason.SNAPSHOT_INVALID if refused else lookup.miss_reason
-            if refused and lookup.miss_reason is not None:
-                self.kv.recount_miss(lookup.miss_reason, miss_reason)
             cache_tier = None
             if lookup.num_cached_tokens:
                 cache_tier = from_tier or Tier.DEVICE
-                self.tiers.count_hit(cache_tier)
             seq = Sequence(
                 next(self._seq_ids),
                 thread_key,
@@ -335,9 +332,16 @@ class LLMEngine:
         `num_log_tokens`: the thread's log length as committed (reply and its closing tokens
         included); a later turn with a longer history then knows it ran elsewhere (`stale`)."""
         with self.lock:
-            if self._awaiting_commit.pop(thread_key, None) is None:
+            seq = self._awaiting_commit.pop(thread_key, None)
+            if seq is None:
                 raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
             self.kv.release(thread_key, num_log_tokens=num_log_tokens)
+            # Hits and misses are counted here, as the ledger counts turns: a preempted turn
+            # ends a miss, whatever its first admission found.
+            counts = seq.counts()
+            self.kv.count_turn(counts.miss_reason, counts.cached_tokens, counts.shared_tokens)
+            if counts.cache_tier is not None:
+                self.tiers.count_hit(Tier(counts.cache_tier))
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the finished turn's thread back to its committed history and unpin it.

@@ -39,6 +39,7 @@ from typing import Any
 from app.engine.runtime.kv_hierarchy import TierStats
 from app.engine.runtime.kv_store import LoadedSnapshot, SnapshotInvalid
 from app.engine.runtime.llm_engine import EngineFailed, LLMEngine, NoFinishedTurn, RequestOutput
+from app.engine.runtime.turn_metrics import HistogramSnapshot
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
 from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
 
@@ -265,6 +266,9 @@ class AsyncLLMEngine:
 
     def tier_stats(self) -> TierStats:
         return self.engine.tier_stats()
+
+    def turn_histograms(self) -> dict[str, HistogramSnapshot]:
+        return self.engine.turn_histograms()
 
     async def move_down(self, thread_key: Hashable) -> bool:
         """Evict an idle resident thread down one tier now (LLMEngine.move_down), on the

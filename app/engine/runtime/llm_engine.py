@@ -40,6 +40,7 @@ from app.engine.runtime.kv_store import (
 from app.engine.runtime.sampler import sample, validate_params
 from app.engine.runtime.scheduler import ScheduledBatch, Scheduler
 from app.engine.runtime.sequence import Sequence, SequenceStatus
+from app.engine.runtime.turn_metrics import HistogramSnapshot, TurnMetrics
 from app.engine.runtime.types import (
     FinishEvent,
     MissReason,
@@ -188,6 +189,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._active: dict[int, Sequence] = {}  # waiting or running
         self._awaiting_commit: dict[Hashable, Sequence] = {}  # finished turns, still pinned
+        self.turn_metrics = TurnMetrics()  # latency and size of committed turns
         self.last_num_scheduled = 0
         self.failure: BaseException | None = None  # the device fault that ended the engine
 
@@ -342,6 +344,11 @@ class LLMEngine:
             self.kv.count_turn(counts.miss_reason, counts.cached_tokens, counts.shared_tokens)
             if counts.cache_tier is not None:
                 self.tiers.count_hit(Tier(counts.cache_tier))
+            self.turn_metrics.observe(
+                seq.timings(),
+                prompt_tokens=counts.prompt_tokens,
+                generated_tokens=counts.generated_tokens,
+            )
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the finished turn's thread back to its committed history and unpin it.
@@ -411,6 +418,10 @@ class LLMEngine:
     def tier_stats(self) -> TierStats:
         with self.lock:
             return self.tiers.stats()
+
+    def turn_histograms(self) -> dict[str, HistogramSnapshot]:
+        with self.lock:
+            return self.turn_metrics.snapshot()
 
     def begin_disk_read(self, thread_key: Hashable) -> bool:
         """If the thread's KV is only on disk, pin its snapshot for a read (`read_snapshot`, in

@@ -65,6 +65,9 @@ class Settings:
     # Signs cookies. Unset: random per process (`make run` keeps one in DATA_DIR/secret).
     secret: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
     log_level: str = "info"  # debug | info | warning | error
+    # /metrics asks for `Authorization: Bearer <token>` and then shows the ledger's totals too.
+    # Unset: /metrics is open, without them (this process's engine counters only).
+    metrics_token: str | None = field(default=None, repr=False)
     secure_cookies: bool = True  # the billing page's cookies carry Secure (off: plain-http hosts)
     # Limits (0 or None: off). Rates are per minute; the budgets per account and calendar month.
     rate_limit_per_minute: int = 600  # /v1 requests per API key
@@ -278,6 +281,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_PORT": ("port", _int(0, 65535)),
     "KVTHREADS_PRICES": ("prices", _existing_file),
     "KVTHREADS_SECRET": ("secret", _secret),
+    "KVTHREADS_METRICS_TOKEN": ("metrics_token", _secret),
     "KVTHREADS_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "KVTHREADS_SECURE_COOKIES": ("secure_cookies", _on_off),
     "KVTHREADS_RATE_LIMIT_PER_MINUTE": ("rate_limit_per_minute", _int(0)),

@@ -1,7 +1,7 @@
 """GET /metrics: Prometheus text exposition (format 0.0.4) for operators.
 
 Two sources:
-- the ledger (SQL sums over all accounts, per model): turns and tokens billed, cached / fresh /
+- the ledger (SQL sums over all accounts, per model; only with a metrics token, see below): turns and tokens billed, cached / fresh /
   output. They survive restarts and agree across server processes sharing the database.
 - this process's KV cache counters (the engine's stats()): hits, misses by reason, evictions,
   tokens served from the cache and computed, resident and pinned threads, blocks in use, and
@@ -10,16 +10,21 @@ Two sources:
   seconds), evictions, disk snapshots refused by reason.
   Counters restart at zero with the process, as Prometheus expects of counters.
 
-Not authenticated: it reveals volumes, not content. Bind it to a private network in production
-(it sits outside /v1, so a proxy can refuse it), or scrape through a proxy that adds auth.
+- this process's committed turns as histograms: queue time, time to first token, time per
+  output token, turn latency, input and output tokens per turn.
+
+Access: with KVTHREADS_METRICS_TOKEN set, a scrape must send `Authorization: Bearer <token>`
+(401 otherwise) and sees the ledger's totals too. Unset, /metrics is open and shows the engine's
+counters only: volumes of this process, no ledger totals (bind it to a private network anyway).
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from typing import Any
 
-from litestar import MediaType, Response, get
+from litestar import MediaType, Request, Response, get
 from litestar.datastructures import State
 from litestar.di import NamedDependency
 
@@ -55,7 +60,7 @@ class Exposition:
 # name, type, help, KVCacheStats field: one unlabelled sample each.
 ENGINE_SCALARS = (
     ("kvthreads_kv_hits_total", "counter",
-     "Turns that reused all of their thread's resident KV.", "hits"),
+     "Committed turns that reused their whole history's KV (counted at commit).", "hits"),
     ("kvthreads_kv_evictions_total", "counter",
      "Resident threads evicted whole to make room.", "evictions"),
     ("kvthreads_kv_preemptions_total", "counter",
@@ -89,7 +94,7 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
     out.add(
         "kvthreads_kv_misses_total",
         "counter",
-        "Turns that could not reuse their history's KV, by reason.",
+        "Committed turns that could not reuse their whole history's KV, by reason.",
         (({"reason": reason}, n) for reason, n in sorted(stats.misses.items())),
     )
     out.add(
@@ -109,6 +114,45 @@ def _add_engine(out: Exposition, stats: KVCacheStats) -> None:
         "Logical over unique KV tokens (1: nothing shared).",
         [({}, round(stats.sharing_ratio, 6))],
     )
+    out.add("kvthreads_kv_pool_blocks_total", "gauge", "KV blocks in the device pool.",
+            [({}, stats.num_blocks)])  # fmt: skip
+    out.add(
+        "kvthreads_kv_pool_usage_ratio",
+        "gauge",
+        "Fraction of the device pool's KV blocks in use.",
+        [({}, round(stats.num_used_blocks / stats.num_blocks, 6) if stats.num_blocks else 0)],
+    )
+
+
+HISTOGRAMS = {
+    "queue_seconds": "Seconds from a turn's arrival to its first scheduled step.",
+    "ttft_seconds": "Seconds from a turn's arrival to its first generated token.",
+    "tpot_seconds": "Seconds per output token after the first (decode time over tokens).",
+    "turn_seconds": "Seconds from a turn's arrival to its last token.",
+    "input_tokens": "Tokens a turn conditioned on (history and the new message).",
+    "output_tokens": "Tokens a turn generated.",
+}
+
+
+def _add_histograms(out: Exposition, histograms: dict[str, Any]) -> None:
+    """The engine's turn_histograms() (app/engine/runtime/turn_metrics.py), committed turns."""
+    for key, help_text in HISTOGRAMS.items():
+        h = histograms[key]
+        name = f"kvthreads_turn_{key}"
+        out.lines.append(f"# HELP {name} {help_text}")
+        out.lines.append(f"# TYPE {name} histogram")
+        bounds = [format(b, "g") for b in h.buckets] + ["+Inf"]
+        for bound, n in zip(bounds, h.counts, strict=True):
+            out.lines.append(f'{name}_bucket{{le="{bound}"}} {n}')
+        out.lines.append(f"{name}_sum {round(h.sum, 6)}")
+        out.lines.append(f"{name}_count {h.count}")
+
+
+def _authorized(request: Request, token: str | None) -> bool:
+    if token is None:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.encode(), token.encode())
 
 
 def _add_tiers(out: Exposition, stats: Any) -> None:
@@ -159,8 +203,30 @@ def _add_tiers(out: Exposition, stats: Any) -> None:
     media_type=MediaType.TEXT,
     dependencies=BILLING_DEPENDENCIES,
 )
-async def metrics(state: State, billing: NamedDependency[BillingService]) -> Response[str]:
+async def metrics(
+    request: Request, state: State, billing: NamedDependency[BillingService]
+) -> Response[Any]:
+    token = state.settings.metrics_token
+    if not _authorized(request, token):
+        return Response(
+            {"error": {"type": "unauthorized", "message": "a valid metrics token is required"}},
+            status_code=401,
+            media_type=MediaType.JSON,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     out = Exposition()
+    engine = state.runtime.engine  # app.state.runtime: the ModelRuntime
+    _add_engine(out, engine.stats())
+    if (tier_stats := getattr(engine, "tier_stats", None)) is not None:
+        _add_tiers(out, tier_stats())
+    if (turn_histograms := getattr(engine, "turn_histograms", None)) is not None:
+        _add_histograms(out, turn_histograms())
+    if token is not None:  # ledger totals (every account's) only to an authenticated scrape
+        await _add_ledger(out, billing)
+    return Response(out.text(), media_type=CONTENT_TYPE)
+
+
+async def _add_ledger(out: Exposition, billing: BillingService) -> None:
     totals = await billing.ledger_totals()
     out.add(
         "kvthreads_ledger_turns_total",
@@ -179,8 +245,3 @@ async def metrics(state: State, billing: NamedDependency[BillingService]) -> Res
             for kind in ("cached", "fresh", "output")
         ),
     )
-    engine = state.runtime.engine  # app.state.runtime: the ModelRuntime
-    _add_engine(out, engine.stats())
-    if (tier_stats := getattr(engine, "tier_stats", None)) is not None:
-        _add_tiers(out, tier_stats())
-    return Response(out.text(), media_type=CONTENT_TYPE)

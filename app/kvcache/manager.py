@@ -10,6 +10,7 @@ KV those blocks hold. A turn goes through
     note_progress(key, ids, n)             the first n ids have KV now: name their full blocks
     finish_turn(key, ids)                  the ids whose KV is now held (prompt + generated[:-1])
     release(key, keep_tokens)              unpin, optionally truncate (a rollback), mark used
+    count_turn(reason, cached, shared)     a committed turn's hit or miss, for stats()
 
 and between turns a thread may be forked (`fork`: the child holds the parent's full blocks and a
 copy of its partial one) or rewound (`truncate`).
@@ -70,6 +71,9 @@ class ThreadCache:
     root: BlockHash | None = None
     pinned: bool = False
     last_used: float | None = None
+    # The thread's committed log length when this process last committed or cut it (None:
+    # unknown); a later turn whose history is longer finds it moved on elsewhere (stale).
+    num_log_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -143,9 +147,12 @@ class KVCacheManager:
         *,
         first_turn: bool,
         scope: Hashable | None = None,
+        num_history_tokens: int | None = None,
     ) -> CacheLookup:
         """Pin the thread and find how much of prompt_ids is already computed: its own resident
         KV, or (when scope is not None) full blocks of the same scope that any thread computed.
+        `num_history_tokens` (the committed log's length, the rest of prompt_ids is the new
+        message) tells a resident KV left behind by turns committed elsewhere (`stale`).
 
         At least the last prompt token is always left to compute: its logits give the first
         sampled token. Resident KV past the kept prefix is freed.
@@ -172,6 +179,13 @@ class KVCacheManager:
             match = common_prefix_len(held, prompt_ids)
             num_cached = min(match, len(prompt_ids) - 1)
             reason = None if match == len(held) else MissReason.MISMATCH
+            if (
+                reason is None
+                and num_history_tokens is not None
+                and entry.num_log_tokens is not None
+                and num_history_tokens > entry.num_log_tokens
+            ):
+                reason = MissReason.STALE
         else:
             num_cached = 0
             if first_turn:
@@ -211,17 +225,11 @@ class KVCacheManager:
             num_cached = self._may_copy_partial(entry, prompt_ids)
         if self.residency:
             self._ever_held.add(key)
-        if reason is None:
-            self._hits += 1
-        else:
-            self._misses[reason.value] += 1
         num_shared = self.block_size * sum(
             1
             for i, block_id in enumerate(entry.block_table[: num_cached // self.block_size])
             if i in found or self.pool.ref_count(block_id) > 1
         )
-        self._cached_tokens += num_cached
-        self._shared_tokens += num_shared
         return CacheLookup(num_cached, reason, entry.block_table, num_shared)
 
     def ensure_blocks(self, key: Hashable, num_tokens: int) -> bool:
@@ -267,12 +275,17 @@ class KVCacheManager:
         self._truncate(entry, len(computed_ids) if self.residency else 0)
         self._index(entry)
 
-    def release(self, key: Hashable, keep_tokens: int | None = None) -> None:
+    def release(
+        self, key: Hashable, keep_tokens: int | None = None, *, num_log_tokens: int | None = None
+    ) -> None:
         """End a pinned thread's turn: keep its first keep_tokens tokens (all if None), unpin.
+        `num_log_tokens`: the committed log's length after this turn, when the caller knows it.
 
         A thread left with no blocks is dropped; one with blocks becomes the most recently used.
         """
         entry = self._pinned_entry(key)
+        if num_log_tokens is not None:
+            entry.num_log_tokens = num_log_tokens
         if keep_tokens is not None:
             if keep_tokens < 0:
                 raise ValueError(f"keep_tokens must be >= 0, got {keep_tokens}")
@@ -348,11 +361,18 @@ class KVCacheManager:
         self._park(entry)
         return list(zip(missing, fresh, strict=True))
 
-    def recount_miss(self, counted: MissReason, instead: MissReason) -> None:
-        """A turn's miss was counted as `counted`, but the caller knows better (e.g. its disk
-        snapshot was refused: `snapshot_invalid` rather than `restarted`)."""
-        self._misses[counted.value] -= 1
-        self._misses[instead.value] += 1
+    def count_turn(self, miss_reason: MissReason | None, num_cached: int, num_shared: int) -> None:
+        """A turn committed: count its hit or miss and the prompt tokens it found cached.
+
+        Counted when the turn ends, not at begin_turn: a preempted turn is admitted again and
+        ends a miss (evicted), a rolled back one is not billed, and these counters agree with
+        the ledger."""
+        if miss_reason is None:
+            self._hits += 1
+        else:
+            self._misses[miss_reason.value] += 1
+        self._cached_tokens += num_cached
+        self._shared_tokens += num_shared
 
     def note_computed(self, num_tokens: int) -> None:
         self._computed_tokens += num_tokens
@@ -374,7 +394,7 @@ class KVCacheManager:
         if source.pinned:  # its table grows past its token ids: share only what they cover
             num_tokens = min(num_tokens, len(source.token_ids))
         num_full = num_tokens // self.block_size
-        entry = ThreadCache(child, root=source.root)
+        entry = ThreadCache(child, root=source.root, num_log_tokens=len(token_ids))
         entry.block_table = source.block_table[:num_full]
         if source.root is not None:
             # Shared blocks are named. A full block of the parent's that is not (a copy of a
@@ -415,6 +435,7 @@ class KVCacheManager:
             raise ThreadInFlight(f"thread {key!r} has a turn in flight")
         self._lru_remove(entry)
         self._truncate(entry, common_prefix_len(entry.token_ids, token_ids))
+        entry.num_log_tokens = len(token_ids)
         self._park(entry)
         return len(entry.token_ids)
 

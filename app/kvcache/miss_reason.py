@@ -12,6 +12,9 @@ class MissReason(StrEnum):
     EVICTED = "evicted"  # it was resident in this process, then evicted for room
     RESTARTED = "restarted"  # the process never held it (the server restarted since)
     MISMATCH = "mismatch"  # cached tokens were not a prefix of the log
+    # The thread moved on elsewhere (another process sharing the database committed turns):
+    # the KV this process holds is a strict prefix of the committed history, the rest recomputed.
+    STALE = "stale"
     DISABLED = "disabled"  # residency is turned off (the recompute mode of the benchmark)
     # Its KV was on disk but the snapshot failed a check (other model or layout, tokens not a
     # prefix of the log, a bad checksum, a truncated file): deleted, the history recomputed.

@@ -14,7 +14,7 @@ class KVCacheStats:
     num_free_blocks: int  # includes the cached free blocks below
     num_resident_threads: int  # threads holding blocks, in flight or not
     num_pinned_threads: int  # threads with a turn in flight
-    hits: int  # turns that reused all of their thread's resident KV
+    hits: int  # committed turns that reused all of their thread's resident KV
     misses: dict[str, int]  # turns that could not, by MissReason value (every reason present)
     evictions: int  # resident threads evicted whole to make room
     preemptions: int  # in-flight threads whose blocks were taken back under pressure

@@ -101,5 +101,5 @@ async def prefill(
     except BaseException:
         engine.rollback_turn(thread_id)
         raise
-    engine.commit_turn(thread_id)
+    engine.commit_turn(thread_id, num_log_tokens=len(history_ids) + len(new_ids))
     return True

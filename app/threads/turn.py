@@ -280,12 +280,12 @@ class Turn:
         self._events = self._run()
         return self._events
 
-    def _settle(self, engine_call) -> None:
+    def _settle(self, engine_call, **kwargs) -> None:
         if self._settled:
             return
         self._settled = True
         try:
-            engine_call(self.thread_id)
+            engine_call(self.thread_id, **kwargs)
         except Exception:
             log.exception("engine %s failed for thread %s", engine_call.__name__, self.thread_id)
 
@@ -313,7 +313,9 @@ class Turn:
         except BaseException:
             self._settle(self._engine.rollback_turn)
             raise
-        self._settle(self._engine.commit_turn)
+        # The log as committed: a later turn with a longer history ran in another process.
+        num_log_tokens = len(self.history_ids) + len(self.new_ids) + result.message.token_count
+        self._settle(self._engine.commit_turn, num_log_tokens=num_log_tokens)
         return result
 
     async def _run(self) -> AsyncIterator[TextDelta | TurnDone]:

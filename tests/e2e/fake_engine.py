@@ -112,7 +112,7 @@ class FakeEngine:
             if not finished:
                 self.rollback_turn(thread_key)
 
-    def commit_turn(self, thread_key: str) -> None:
+    def commit_turn(self, thread_key: str, *, num_log_tokens: int | None = None) -> None:
         self.pinned.pop(thread_key)
         self.cache[thread_key] = self.pending.pop(thread_key)
         self.commits += 1

@@ -34,6 +34,9 @@ def _range() -> str:
     return f"start={today - timedelta(1)}&end={today + timedelta(1)}"
 
 
+METRICS_TOKEN = "scrape-token-0123456789"  # /metrics shows the ledger's totals only with it
+
+
 @pytest.fixture
 def prices_file(tmp_path):
     path = tmp_path / "prices.toml"
@@ -44,7 +47,7 @@ def prices_file(tmp_path):
 @pytest.fixture
 async def client(open_api, prices_file):
     """The app with the real engine on the built-in model (loaded once for the test)."""
-    return await open_api(prices=prices_file)
+    return await open_api(prices=prices_file, metrics_token=METRICS_TOKEN)
 
 
 @pytest.fixture
@@ -125,10 +128,13 @@ async def test_report_totals_equal_the_sum_of_the_responses(client, new_key):
     assert _report_sums(bobs["totals"]) == _sum(bob_usage)
 
     # /metrics: the ledger over all accounts, and this process's cache counters, agree too.
-    r = await client.get("/metrics")
+    r = await client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert r.status_code == 200
     metrics = _samples(r.text)
     all_turns = everything + bob_usage
+    assert metrics['kvthreads_turn_ttft_seconds_bucket{le="+Inf"}'] == len(all_turns)
+    assert metrics["kvthreads_turn_input_tokens_sum"] == _sum(all_turns)["input_tokens"]
+    assert metrics["kvthreads_turn_output_tokens_sum"] == _sum(all_turns)["output_tokens"]
     model = (await alice.get(f"/v1/billing/report?{_range()}&group_by=model")).json()["rows"][0][
         "key"
     ]
@@ -151,7 +157,9 @@ def _samples(exposition: str) -> dict[str, float]:
             declared.add(line.split()[2])
         elif line and not line.startswith("#"):
             name_labels, value = line.rsplit(" ", 1)
-            assert name_labels.split("{")[0] in declared, line
+            name = name_labels.split("{")[0]
+            family = name.removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+            assert name in declared or family in declared, line
             samples[name_labels] = float(value)
     return samples
 

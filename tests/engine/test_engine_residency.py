@@ -144,6 +144,10 @@ def test_preemption_under_pressure_gives_the_same_greedy_tokens(model):
     # z waited (max_num_seqs) pinned; the running sequences took its blocks back.
     z_counts = finished[seq_ids["z"]].counts
     assert (z_counts.cached_tokens, z_counts.miss_reason) == (0, MissReason.EVICTED)
+    # Counted as the turns committed, as the ledger counts them: z's first admission found its
+    # KV, but its turn ended a miss (preempted). 4 new threads (z's first turn included).
+    assert (stats.hits, stats.misses["new_thread"], stats.misses["evicted"]) == (0, 4, 1)
+    assert stats.cached_tokens == sum(e.counts.cached_tokens for e in finished.values())
     engine.kv.check_integrity()
 
 

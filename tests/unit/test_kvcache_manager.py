@@ -26,6 +26,7 @@ def run_turn(kv, key, prompt, computed, *, first_turn=False, keep=None):
     assert kv.ensure_blocks(key, len(computed))
     kv.finish_turn(key, computed)
     kv.release(key, keep)
+    kv.count_turn(lookup.miss_reason, lookup.num_cached_tokens, lookup.num_shared_tokens)
     kv.check_integrity()
     return lookup
 
@@ -236,6 +237,7 @@ def test_stats_count_hits_misses_and_tokens():
         "evicted": 0,
         "restarted": 0,
         "mismatch": 0,
+        "stale": 0,
         "disabled": 0,
         "snapshot_invalid": 0,
     }
@@ -312,3 +314,21 @@ def test_random_operations_match_a_reference_lru():
         assert kv.lru_order() == list(lru)
         for k in keys:
             assert kv.thread_state(k).cached_tokens == len(resident.get(k, []))
+
+
+def test_resident_kv_behind_the_committed_history_is_stale_not_a_hit():
+    kv = make(num_blocks=8, block_size=4)
+    kv.begin_turn("a", [1, 2, 3], first_turn=True, num_history_tokens=0)
+    assert kv.ensure_blocks("a", 5)
+    kv.finish_turn("a", [1, 2, 3, 4, 5])  # generated 4, 5, 6: the log is 1..6 and a closing 7
+    kv.release("a", num_log_tokens=7)
+    # The next turn here: the whole committed history is reused.
+    lookup = kv.begin_turn("a", [1, 2, 3, 4, 5, 6, 7, 8], first_turn=False, num_history_tokens=7)
+    assert (lookup.num_cached_tokens, lookup.miss_reason) == (5, None)
+    kv.release("a", keep_tokens=5)
+    # Another process committed turns since (the log is 12 long): the KV held is behind it.
+    log = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    lookup = kv.begin_turn("a", [*log, 13], first_turn=False, num_history_tokens=12)
+    assert (lookup.num_cached_tokens, lookup.miss_reason) == (5, MissReason.STALE)
+    kv.release("a")
+    kv.check_integrity()

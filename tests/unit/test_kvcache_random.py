@@ -119,6 +119,7 @@ class Engine:
         kv.finish_turn(key, ids[:done])
         if rng.random() < 0.8:
             kv.release(key)
+            kv.count_turn(lookup.miss_reason, lookup.num_cached_tokens, lookup.num_shared_tokens)
             log[:] = ids[: done + 1]  # prompt + generated (the last sampled id has no KV)
         else:
             kv.release(key, keep_tokens=len(log))  # rolled back

@@ -60,6 +60,7 @@ def test_a_second_thread_reuses_the_full_blocks_of_a_common_prefix():
     assert lookup.block_table == [0, 1, 3]
     kv.finish_turn("b", system + [70, 71])
     kv.release("b")
+    kv.count_turn(lookup.miss_reason, lookup.num_cached_tokens, lookup.num_shared_tokens)
     kv.check_integrity()
     stats = kv.stats()
     assert (stats.logical_tokens, stats.unique_tokens, stats.num_shared_blocks) == (24, 16, 2)

@@ -39,6 +39,7 @@ from typing import Any
 from app.engine.runtime.kv_hierarchy import TierStats
 from app.engine.runtime.kv_store import LoadedSnapshot, SnapshotInvalid
 from app.engine.runtime.llm_engine import EngineFailed, LLMEngine, NoFinishedTurn, RequestOutput
+from app.engine.runtime.turn_metrics import HistogramSnapshot
 from app.engine.runtime.types import FinishEvent, SamplingParams, StreamEvent
 from app.kvcache import KVCacheStats, ThreadCacheState, ThreadInFlight
 
@@ -207,8 +208,9 @@ class AsyncLLMEngine:
         )
         return stream
 
-    def commit_turn(self, thread_key: Hashable) -> None:
-        """Keep the finished turn's KV resident and unpin the thread. A no-op after shutdown."""
+    def commit_turn(self, thread_key: Hashable, *, num_log_tokens: int | None = None) -> None:
+        """Keep the finished turn's KV resident and unpin the thread. A no-op after shutdown.
+        `num_log_tokens`: the committed log's length (see LLMEngine.commit_turn)."""
         with self._lock:
             if self._closed:
                 return
@@ -216,7 +218,7 @@ class AsyncLLMEngine:
             if stream is None or stream.finish is None:
                 raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
             del self._turns[thread_key]
-        self._submit(partial(self.engine.commit_turn, thread_key))
+        self._submit(partial(self.engine.commit_turn, thread_key, num_log_tokens=num_log_tokens))
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the thread's KV to its history before the turn and unpin it; a turn still
@@ -264,6 +266,9 @@ class AsyncLLMEngine:
 
     def tier_stats(self) -> TierStats:
         return self.engine.tier_stats()
+
+    def turn_histograms(self) -> dict[str, HistogramSnapshot]:
+        return self.engine.turn_histograms()
 
     async def move_down(self, thread_key: Hashable) -> bool:
         """Evict an idle resident thread down one tier now (LLMEngine.move_down), on the

@@ -40,6 +40,7 @@ from app.engine.runtime.kv_store import (
 from app.engine.runtime.sampler import sample, validate_params
 from app.engine.runtime.scheduler import ScheduledBatch, Scheduler
 from app.engine.runtime.sequence import Sequence, SequenceStatus
+from app.engine.runtime.turn_metrics import HistogramSnapshot, TurnMetrics
 from app.engine.runtime.types import (
     FinishEvent,
     MissReason,
@@ -188,6 +189,7 @@ class LLMEngine:
         self._seq_ids = itertools.count()
         self._active: dict[int, Sequence] = {}  # waiting or running
         self._awaiting_commit: dict[Hashable, Sequence] = {}  # finished turns, still pinned
+        self.turn_metrics = TurnMetrics()  # latency and size of committed turns
         self.last_num_scheduled = 0
         self.failure: BaseException | None = None  # the device fault that ended the engine
 
@@ -271,15 +273,16 @@ class LLMEngine:
             elif restored is not None:  # read for nothing (cannot happen through the bridge)
                 self.tiers.unpin_disk(thread_key)
             lookup = self.kv.begin_turn(
-                thread_key, prompt, first_turn=first_turn, scope=share_scope
+                thread_key,
+                prompt,
+                first_turn=first_turn,
+                scope=share_scope,
+                num_history_tokens=len(history_ids),
             )
             miss_reason = MissReason.SNAPSHOT_INVALID if refused else lookup.miss_reason
-            if refused and lookup.miss_reason is not None:
-                self.kv.recount_miss(lookup.miss_reason, miss_reason)
             cache_tier = None
             if lookup.num_cached_tokens:
                 cache_tier = from_tier or Tier.DEVICE
-                self.tiers.count_hit(cache_tier)
             seq = Sequence(
                 next(self._seq_ids),
                 thread_key,
@@ -326,12 +329,26 @@ class LLMEngine:
                 self.rollback_turn(key)
             return in_flight
 
-    def commit_turn(self, thread_key: Hashable) -> None:
-        """Keep the finished turn's KV resident; unpin the thread, now the most recently used."""
+    def commit_turn(self, thread_key: Hashable, *, num_log_tokens: int | None = None) -> None:
+        """Keep the finished turn's KV resident; unpin the thread, now the most recently used.
+        `num_log_tokens`: the thread's log length as committed (reply and its closing tokens
+        included); a later turn with a longer history then knows it ran elsewhere (`stale`)."""
         with self.lock:
-            if self._awaiting_commit.pop(thread_key, None) is None:
+            seq = self._awaiting_commit.pop(thread_key, None)
+            if seq is None:
                 raise NoFinishedTurn(f"thread {thread_key!r} has no finished turn to commit")
-            self.kv.release(thread_key)
+            self.kv.release(thread_key, num_log_tokens=num_log_tokens)
+            # Hits and misses are counted here, as the ledger counts turns: a preempted turn
+            # ends a miss, whatever its first admission found.
+            counts = seq.counts()
+            self.kv.count_turn(counts.miss_reason, counts.cached_tokens, counts.shared_tokens)
+            if counts.cache_tier is not None:
+                self.tiers.count_hit(Tier(counts.cache_tier))
+            self.turn_metrics.observe(
+                seq.timings(),
+                prompt_tokens=counts.prompt_tokens,
+                generated_tokens=counts.generated_tokens,
+            )
 
     def rollback_turn(self, thread_key: Hashable) -> bool:
         """Truncate the finished turn's thread back to its committed history and unpin it.
@@ -401,6 +418,10 @@ class LLMEngine:
     def tier_stats(self) -> TierStats:
         with self.lock:
             return self.tiers.stats()
+
+    def turn_histograms(self) -> dict[str, HistogramSnapshot]:
+        with self.lock:
+            return self.turn_metrics.snapshot()
 
     def begin_disk_read(self, thread_key: Hashable) -> bool:
         """If the thread's KV is only on disk, pin its snapshot for a read (`read_snapshot`, in

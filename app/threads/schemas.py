@@ -19,6 +19,8 @@ MetadataKey = Annotated[str, Meta(min_length=1, max_length=64)]
 MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=MAX_METADATA_PAIRS)]
 StopString = Annotated[str, Meta(min_length=1, max_length=64)]
+# A message's place in its thread; stored as a PostgreSQL integer, so larger is no position.
+Position = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -44,12 +46,12 @@ class AppendMessageRequest(Request, forbid_unknown_fields=True, kw_only=True):
 
 
 class ForkThreadRequest(Request, forbid_unknown_fields=True, kw_only=True):
-    at: Annotated[int, Meta(ge=0)] | None = None  # last message position kept; None: all
+    at: Position | None = None  # last message position kept; None: all
     metadata: Metadata | None = None  # None: the parent's
 
 
 class RewindThreadRequest(Request, forbid_unknown_fields=True, kw_only=True):
-    position: Annotated[int, Meta(ge=0)]  # the last message kept
+    position: Position  # the last message kept
 
 
 class Response(msgspec.Struct, kw_only=True):

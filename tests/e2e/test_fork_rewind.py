@@ -126,6 +126,15 @@ async def test_another_accounts_thread_is_404_for_fork_and_rewind(fake_api, new_
     assert r.status_code == 404
 
 
+async def test_a_position_past_any_thread_is_a_400_not_a_database_error(fake_api):
+    # Found by schemathesis: `at` past PostgreSQL's integer reached the database (500).
+    thread = await _thread(fake_api)
+    for action, body in (("fork", {"at": 2**64}), ("rewind", {"position": 2**31})):
+        r = await fake_api.post(f"/v1/threads/{thread}/{action}", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["type"] == "invalid_request"
+
+
 async def test_rewind_while_a_turn_runs_is_409_and_changes_nothing(open_live, new_key):
     engine = FakeEngine()
     client = await open_live(fake_runtime(engine))

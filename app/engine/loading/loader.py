@@ -24,6 +24,7 @@ from app.chat.tokenizer import HFTokenizer, Tokenizer
 from app.engine.loading import builtin, model_registry
 from app.engine.loading.hf_config import ModelLoadError, read_hf_config
 from app.engine.loading.loaded_model import LoadedModel, resolve_device
+from app.engine.loading.weights import empty_network, ready_network, some_names
 from app.engine.network.model import CausalLM, ModelConfig
 
 __all__ = ["LoadedModel", "ModelLoadError", "load_model", "resolve_device", "resolve_model"]
@@ -33,7 +34,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Tensors some checkpoints carry that the engine derives instead (old Llama exports saved rope).
 _DERIVED_SUFFIXES = (".rotary_emb.inv_freq",)
-_MAX_NAMES_IN_ERROR = 5
 
 
 def load_model(
@@ -52,11 +52,7 @@ def load_model(
     if dtype is None:
         dtype = _DTYPES[config.extra.get("dtype") or "float32"]
 
-    with torch.device("meta"):
-        model = CausalLM(config)
-    expected = {name: tensor.shape for name, tensor in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")  # tied checkpoints may or may not store it; we tie anyway
+    model, expected = empty_network(config)
 
     state: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
@@ -70,26 +66,17 @@ def load_model(
             continue
         if name in state:
             raise ModelLoadError(f"{folder}: tensor {name!r} appears twice (again in {file})")
-        if shape != tuple(expected[name]):
+        if shape != expected[name]:
             raise ModelLoadError(
                 f"{folder}: tensor {name!r} in {file} has shape {shape}, "
-                f"the config implies {tuple(expected[name])}"
+                f"the config implies {expected[name]}"
             )
         state[name] = read().to(device=device, dtype=dtype)
     if unexpected:
         raise ModelLoadError(
-            f"{folder}: unexpected tensors for {config.architecture}: {_some(unexpected)}"
+            f"{folder}: unexpected tensors for {config.architecture}: {some_names(unexpected)}"
         )
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelLoadError(f"{folder}: missing tensors: {_some(missing)}")
-
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    model.tie_weights()
-    model.init_rope(device, dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model, config
+    return ready_network(model, state, expected, str(folder), device, dtype), config
 
 
 def _checkpoint_tensors(
@@ -126,7 +113,7 @@ def _checkpoint_tensors(
                 absent = [n for n, f in listed.items() if f == file and n not in set(names)]
                 if absent:
                     raise ModelLoadError(
-                        f"{folder}: {INDEX_FILE} puts {_some(absent)} in {file}, which lacks them"
+                        f"{folder}: {INDEX_FILE} puts {some_names(absent)} in {file}, which lacks them"
                     )
             for name in names:
                 shape = tuple(handle.get_slice(name).get_shape())
@@ -145,12 +132,6 @@ def _read_index(folder: Path) -> dict[str, str]:
     ):
         raise ModelLoadError(f"{path}: weight_map must map tensor names to file names")
     return weight_map
-
-
-def _some(names: list[str]) -> str:
-    shown = ", ".join(names[:_MAX_NAMES_IN_ERROR])
-    more = len(names) - _MAX_NAMES_IN_ERROR
-    return f"{shown} and {more} more" if more > 0 else shown
 
 
 def resolve_model(

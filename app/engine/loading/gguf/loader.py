@@ -22,6 +22,7 @@ from app.engine.loading.gguf.reader import GGUFFile, open_gguf
 from app.engine.loading.gguf.tensor_names import PERMUTED_ARCHITECTURES, engine_name, unpermute_qk
 from app.engine.loading.hf_config import ModelLoadError
 from app.engine.loading.loaded_model import LoadedModel, resolve_device
+from app.engine.loading.weights import empty_network, ready_network, some_names
 from app.engine.network.model import CausalLM, ModelConfig
 
 
@@ -69,17 +70,13 @@ def load_gguf_network(
 ) -> CausalLM:
     """The network with every tensor dequantized, un-permuted where needed, on `device`."""
     source = str(gguf_file.path)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
+    model, expected = empty_network(config)
     permuted = config.extra["gguf_architecture"] in PERMUTED_ARCHITECTURES
 
     unknown = [n for n in gguf_file.tensors if engine_name(n) not in expected]
     if unknown:
         raise ModelLoadError(
-            f"{source}: unexpected tensors for {config.architecture}: {unknown[:5]}"
+            f"{source}: unexpected tensors for {config.architecture}: {some_names(unknown)}"
         )
     state: dict[str, torch.Tensor] = {}
     for gguf_name, tensor in gguf_file.tensors.items():
@@ -96,13 +93,4 @@ def load_gguf_network(
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_qk(weight, config.num_kv_heads)
         state[name] = weight.to(device=device, dtype=dtype)
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise ModelLoadError(f"{source}: missing tensors: {missing[:5]}")
-
-    model.load_state_dict(state, strict=not config.tie_word_embeddings, assign=True)
-    model.tie_weights()
-    model.init_rope(device, dtype)
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return ready_network(model, state, expected, source, device, dtype)

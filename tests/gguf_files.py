@@ -22,6 +22,8 @@ from gguf import GGMLQuantizationType as Q
 from gguf.quants import quantize
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tests.chat_templates import CHATML_SPECIALS, CHATML_TEMPLATE
+
 TRAINING_TEXT = [
     "Hello! Who are you? I am an assistant, here to help. What is the capital of France?",
     "Tell me a joke, please. Why did the chicken cross the road? To get to the other side.",
@@ -29,16 +31,6 @@ TRAINING_TEXT = [
     "Grüße aus Köln — naïve café, 你好世界, こんにちは, 🙂🚀 emoji and\ttabs\n\nnew lines.",
     "def f(x):\n    return x ** 2  # 12345 67 890\nprint(f(3))\n",
 ]
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 USER_DEFINED = "<think>"
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
@@ -226,3 +218,20 @@ def with_one_tensor_as(path: Path, out: Path, tensor_name: str, qtype: Q) -> Pat
     writer.write_tensors_to_file()
     writer.close()
     return out
+
+
+def tiny_llama(tokenizer: GGUFTokenizer):
+    """A one-layer random Llama (transformers) over `tokenizer`'s vocabulary, to write as GGUF."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer.tokens),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(config).eval()

@@ -8,25 +8,16 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from tests.gguf_files import GGUFTokenizer, with_one_tensor_as, write_gguf
+from tests.gguf_files import GGUFTokenizer, tiny_llama, with_one_tensor_as, write_gguf
 from tests.integration._processes import clean_env, run_cli
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer():
     tokenizer = GGUFTokenizer.train()
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer.tokens),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval(), tokenizer
+    return tiny_llama(tokenizer), tokenizer
 
 
 def _unsupported_type(model, tokenizer, out: Path) -> Path:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tests.chat_templates import CHATML_SPECIALS, CHATML_TEMPLATE
+
 TRAINING_TEXT = [
     "Hello! Who are you? I am an assistant, here to help.",
     "Tell me a joke, please. Why did the chicken cross the road? To get to the other side.",
@@ -19,16 +21,6 @@ TRAINING_TEXT = [
     "Grüße aus Köln — naïve café, 你好世界, こんにちは, 🙂🚀 emoji and\ttabs\n\nnew lines.",
 ]
 
-CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{%- if loop.first and messages[0]['role'] != 'system' %}"
-    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
-    "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 
 LLAMA3_SPECIALS = [
     "<|begin_of_text|>",

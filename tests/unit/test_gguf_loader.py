@@ -13,7 +13,13 @@ from app.engine.loading.gguf import load_gguf
 from app.engine.loading.gguf.tensor_names import engine_name, unpermute_qk
 from app.engine.loading.hf_config import ModelLoadError
 from app.engine.loading.loader import resolve_model
-from tests.gguf_files import GGUFTokenizer, permute_qk, with_one_tensor_as, write_gguf
+from tests.gguf_files import (
+    GGUFTokenizer,
+    permute_qk,
+    tiny_llama,
+    with_one_tensor_as,
+    write_gguf,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,17 +31,7 @@ def tokenizer() -> GGUFTokenizer:
 
 @pytest.fixture(scope="module")
 def hf_model(tokenizer):
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer.tokens),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(tokenizer)
 
 
 def test_a_good_file_loads_with_its_chat_format(tmp_path, hf_model, tokenizer):

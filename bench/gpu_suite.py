@@ -7,13 +7,17 @@
 1. kernels: bench/gpu_check.py, the Triton kernels against their pure-torch references in
    bfloat16, float16 and float32, then their speed against torch SDPA.
 2. engine: every built-in model in float32 (TF32 off), through the Triton attention backend on
-   CUDA, against the CPU engine (pure-torch backend) on the same weights. Both play one scripted
+   CUDA, its decode steps eager and replayed as CUDA graphs, against the CPU engine (pure-torch
+   backend) on the same weights. Both play one scripted
    conversation: several threads over several turns, with prefills chunked by the batch budget,
    decodes batched with other threads' chunks, and every later turn served from its cached
    prefix. Gates: the same greedy replies, every sampled row's logits within --atol, the same
    cache counts. Then bfloat16 on CUDA against the same float32 CPU run, reported only (bf16
    rounding may flip a greedy choice on a near-tie).
-3. benchmark: bench/gpu_multiturn.py's tables (Llama-3.2-1B shape, bf16, cache vs recompute,
+3. targets: bench/gpu_targets.py (Llama-3.2-1B shape, bf16): decode at batch 1 and 32 with and
+   without CUDA graphs against the copy bandwidth, a 64-token turn on an 8,000-token cached
+   history against recomputing it.
+4. benchmark: bench/gpu_multiturn.py's tables (Llama-3.2-1B shape, bf16, cache vs recompute,
    decode tokens/s).
 
 With --interpret, the CUDA side becomes the engine on the CPU with attention_backend="triton"
@@ -91,6 +95,7 @@ def converse(
     script: tuple[ThreadScript, ...] = SCRIPT,
     block_size: int = 16,
     max_batch_tokens: int = 64,
+    cuda_graphs: bool | None = None,
 ) -> list[list[TurnResult]]:
     """Play `script` on a fresh engine over `model`: per turn, every thread's message at once,
     stepped until all replies finish, then committed. Returns [turn][thread]."""
@@ -114,6 +119,7 @@ def converse(
         check_invariants=True,
         on_logits=on_logits,
         attention_backend=attention_backend,
+        cuda_graphs=cuda_graphs,
     )
     logs: list[list[int]] = [[] for _ in script]
     turns = []
@@ -210,16 +216,22 @@ def run_engine(args: argparse.Namespace) -> bool:
         reference_model, _ = build_builtin_model(name, "cpu", torch.float32)
         reference = converse(reference_model, script=script, **sizes)  # CPU: pure-torch attention
         del reference_model
-        candidates = [("float32", True)] + ([] if args.interpret else [("bfloat16", False)])
-        for dtype_name, gated in candidates:
+        # (dtype, CUDA graphs for decode steps, gated)
+        candidates = (
+            [("float32", False, True)]
+            if args.interpret
+            else [("float32", False, True), ("float32", True, True), ("bfloat16", True, False)]
+        )
+        for dtype_name, graphs, gated in candidates:
             if args.interpret:
                 model, _ = build_builtin_model(name, "cpu", torch.float32)
                 got = converse(model, attention_backend="triton", script=script, **sizes)
                 where = "cpu, Triton interpreted"
             else:
                 model, _ = build_builtin_model(name, "cuda", getattr(torch, dtype_name))
-                got = converse(model, script=script)  # CUDA's own backend: Triton
-                where = "cuda, Triton"
+                # CUDA's own backend: Triton; decode steps eager or replayed as CUDA graphs
+                got = converse(model, script=script, cuda_graphs=graphs)
+                where = "cuda, Triton, " + ("CUDA graphs" if graphs else "eager")
             del model
             result = compare(got, reference)
             passed = (
@@ -249,6 +261,14 @@ def run_engine(args: argparse.Namespace) -> bool:
     return ok
 
 
+def run_targets(args: argparse.Namespace) -> bool:
+    from bench import gpu_targets
+
+    if args.interpret:
+        return gpu_targets.main(["--tiny", "--device", "cpu", "--out", str(args.out)]) == 0
+    return gpu_targets.main(["--out", str(args.out)]) == 0
+
+
 def run_benchmark(args: argparse.Namespace) -> bool:
     from bench import gpu_multiturn
 
@@ -263,6 +283,7 @@ def run_benchmark(args: argparse.Namespace) -> bool:
 STEPS: dict[str, Callable[[argparse.Namespace], bool]] = {
     "kernels": run_kernels,
     "engine": run_engine,
+    "targets": run_targets,
     "benchmark": run_benchmark,
 }
 

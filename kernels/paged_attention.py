@@ -94,7 +94,7 @@ def _paged_attention_kernel(
     split_lse_ptr,  # [T, Hq, num_splits] float32, base-2 log-sum-exp of each split
     qk_scale,  # softmax scale * log2(e): the softmax runs in base 2
     num_seqs,
-    kv_split_len,  # keys per split, a multiple of BLOCK_N
+    kv_split_len,  # keys per split, a multiple of BLOCK_N; 0: each sequence's keys cut evenly
     stride_qt,
     stride_qh,
     stride_ot,
@@ -157,8 +157,11 @@ def _paged_attention_kernel(
         kv_start = 0
         kv_stop = kv_end
     else:
-        kv_start = split * kv_split_len
-        kv_stop = tl.minimum(kv_end, kv_start + kv_split_len)
+        split_len = kv_split_len
+        if split_len == 0:  # one launch for any length (a CUDA graph): cut this tile's own keys
+            split_len = tl.cdiv(tl.cdiv(kv_end, tl.num_programs(2)), BLOCK_N) * BLOCK_N
+        kv_start = split * split_len
+        kv_stop = tl.minimum(kv_end, kv_start + split_len)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -265,6 +268,7 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     num_kv_splits: int | None = None,
+    split_each_seq: bool = False,
 ) -> torch.Tensor:
     """Causal paged attention of q over the pool; returns a new contiguous [T, Hq, D] tensor.
 
@@ -273,6 +277,9 @@ def paged_attention(
     skip queries); None reads them from the tensors at the cost of a device sync.
     num_kv_splits: how many programs share one tile's key range; None chooses from the grid
     size and the device (1 off CUDA).
+    split_each_seq: the kernel cuts each sequence's own keys into the splits, rather than every
+    sequence's into max_seqlen_k's pieces: the launch then serves any length up to max_seqlen_k
+    (a step recorded once as a CUDA graph and replayed as contexts grow).
     Rows of q not covered by cu_seqlens_q are left uninitialized, as in the reference.
     """
     _check_paged_attention_args(q, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens)
@@ -298,7 +305,7 @@ def paged_attention(
         raise ValueError(f"num_kv_splits must be at least 1, got {num_kv_splits}")
     kv_split_len = 0
     split_out = split_lse = out  # not read without splits; any tensor fills the pointer slots
-    if num_kv_splits > 1:
+    if num_kv_splits > 1 and not split_each_seq:
         if max_seqlen_k is None:
             max_seqlen_k = int(seq_lens.max())
         kv_split_len = triton.cdiv(triton.cdiv(max(max_seqlen_k, 1), num_kv_splits), block_n)

@@ -76,6 +76,7 @@ def build_runtime(settings: Settings) -> ModelRuntime:
         max_num_seqs=settings.max_num_seqs,
         residency=settings.residency,
         compile_decode=settings.compile,
+        cuda_graphs=None if settings.cuda_graphs else False,
         host_cache_mb=host_mb,
         disk_cache_dir=disk_dir if disk_mb else None,
         disk_cache_mb=disk_mb,

@@ -6,7 +6,7 @@ import torch
 
 from app.engine.network.model import CausalLM, ModelConfig
 from app.engine.runtime.llm_engine import LLMEngine, RequestOutput
-from app.engine.runtime.types import FinishEvent
+from app.engine.runtime.types import FinishEvent, SamplingParams
 
 
 def tiny_config(**overrides) -> ModelConfig:
@@ -77,3 +77,22 @@ def run_to_finish(
                     if commit:
                         engine.commit_turn(out.thread_key)
     raise AssertionError("the engine did not finish")
+
+
+def play_changing_batches(engine: LLMEngine) -> list[torch.Tensor]:
+    """Three turns of three threads: 3, then 1, then 2 decoding together. Returns every
+    step's sampled logits."""
+    logits: list[torch.Tensor] = []
+    engine.on_logits = lambda seqs, step_logits: logits.append(step_logits.clone())
+    history = {f"t{i}": [] for i in range(3)}
+    for turn, threads in enumerate((["t0", "t1", "t2"], ["t1"], ["t2", "t0"])):
+        for n, key in enumerate(threads):
+            params = SamplingParams(max_tokens=4 + n, temperature=0.0, ignore_eos=True)
+            new = [(7 * turn + 3 * n + j) % 90 + 1 for j in range(5 + 2 * n)]
+            engine.add_request(key, history[key], new, params, first_turn=turn == 0)
+            history[key] = history[key] + new
+        while engine.has_unfinished():
+            engine.step()
+        for key in threads:
+            engine.commit_turn(key)
+    return logits

@@ -9,29 +9,10 @@ import torch
 
 from app.engine.network.compiled_step import DecodeStepCache
 from app.engine.runtime.llm_engine import LLMEngine
-from app.engine.runtime.types import SamplingParams
+from tests.engine.engine_testing import play_changing_batches as play
 from tests.engine.engine_testing import random_model
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def play(engine: LLMEngine) -> list[torch.Tensor]:
-    """Three turns of three threads: 3, then 1, then 2 decoding together. Returns every
-    step's sampled logits."""
-    logits: list[torch.Tensor] = []
-    engine.on_logits = lambda seqs, step_logits: logits.append(step_logits.clone())
-    history = {f"t{i}": [] for i in range(3)}
-    for turn, threads in enumerate((["t0", "t1", "t2"], ["t1"], ["t2", "t0"])):
-        for n, key in enumerate(threads):
-            params = SamplingParams(max_tokens=4 + n, temperature=0.0, ignore_eos=True)
-            new = [(7 * turn + 3 * n + j) % 90 + 1 for j in range(5 + 2 * n)]
-            engine.add_request(key, history[key], new, params, first_turn=turn == 0)
-            history[key] = history[key] + new
-        while engine.has_unfinished():
-            engine.step()
-        for key in threads:
-            engine.commit_turn(key)
-    return logits
 
 
 def test_the_compiled_decode_step_equals_the_eager_one():

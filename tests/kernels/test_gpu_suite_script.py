@@ -1,6 +1,6 @@
 """bench/gpu_suite.py (`make gpu-check`) needs a GPU for its real run; here its CPU smoke mode
-runs all three steps (the kernels, the engine through the interpreted Triton path against the
-CPU engine, the benchmark's tiny mode) and passes."""
+runs all four steps (the kernels, the engine through the interpreted Triton path against the
+CPU engine, the targets' and the benchmark's tiny modes) and passes."""
 
 import subprocess
 import sys
@@ -22,5 +22,7 @@ def test_interpret_smoke_passes(tmp_path):
     assert "| builtin-tiny-random | cpu, Triton interpreted, float32 |" in out
     assert "| yes | - | yes | yes |" in out  # greedy equal, no divergence, counts equal, ok
     assert "decode: " in out and "tokens/s at concurrency 32" in out
-    assert out.rstrip().endswith("kernels: ok\nengine: ok\nbenchmark: ok")
+    assert "| 32 | eager |" in out and "| speed-up |" in out  # the targets' tables
+    assert out.rstrip().endswith("kernels: ok\nengine: ok\ntargets: ok\nbenchmark: ok")
     assert list(tmp_path.glob("gpu-multiturn-*.json"))
+    assert (tmp_path / "gpu-targets.json").exists()

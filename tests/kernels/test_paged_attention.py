@@ -74,6 +74,15 @@ def test_split_kv_matches_one_pass(arch, dtype, seqs, num_kv_splits, head_dim):
     _check(batch, num_kv_splits=num_kv_splits)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("seqs", "num_kv_splits"), [(DECODE, 4), (MIXED, 3), (DECODE, 32)])
+def test_splits_cut_from_each_sequence(arch, dtype, seqs, num_kv_splits):
+    """split_each_seq (a replayed CUDA graph): one launch for a much longer max_seqlen_k; each
+    sequence's keys are cut into the splits, short ones leave most of them empty."""
+    batch = build_paged_batch(seqs, 4, 2, 32, 16, dtype, seed=11)
+    _check(batch, num_kv_splits=num_kv_splits, max_seqlen_k=8192, split_each_seq=True)
+
+
 def test_head_dim_not_a_power_of_two(arch):
     _check(build_paged_batch(MIXED, 4, 2, 80, 16, torch.float16, seed=4))
 

@@ -1,25 +1,38 @@
-"""Compiled decode steps: the decode forward pass at a few fixed batch sizes, padded up to them.
+"""Decode steps at fixed batch sizes, padded up to them: compiled (torch.compile) on the CPU,
+captured as CUDA graphs on a GPU, one mechanism for both.
 
 A step of decodes is one token per sequence, so its shapes are those of the batch size alone,
-except attention's keys, which grow every step. The cache compiles the forward pass once per
-batch-size bucket (torch.compile, inductor's CPU codegen: norms, rope, SiLU and residual adds
-fused around the linears) with attention as one opaque op, `kvthreads::paged_attention`, that
-calls the step's backend eagerly; a later CUDA-graph capture replays the same graphs around the
-same op. Prefills and mixed steps stay eager, and so does a decode batch past the largest bucket
-or a bucket that did not compile in the warm-up's time.
+except attention's keys, which grow every step. The cache builds the forward pass once per
+batch-size bucket, with attention as one opaque op, `kvthreads::paged_attention`, that calls the
+step's backend eagerly:
 
-    steps = DecodeStepCache(model, kv_caches, buckets=(1, 2, 4, 8))
-    steps.warm_up(budget_s=120)                   # compile the buckets, smallest first
-    if steps.can_run(num_tokens, max_seqlen_q):  # a step of decodes within a compiled bucket
+- compiled (`compile_fn`, default inductor): norms, rope, SiLU and residual adds fused around the
+  linears; the CPU's speed-up, and on CUDA the fewer kernels a graph then replays.
+- captured (`capture`, CUDA graphs): the forward pass (compiled or eager) recorded once over
+  static input buffers and replayed: one launch for the whole step, where a small batch is bound
+  by launching ~25 kernels per layer rather than by the GPU. The step's inputs are copied into
+  the buffers; attention reads a block table of max_model_len's width, and splits each
+  sequence's own keys (`AttentionMetadata.replayed`). Only a backend that reads the step's
+  metadata as it is (`reads_metadata_only`, the Triton one) can be captured.
+
+Prefills and mixed steps stay eager, and so does a decode batch past the largest bucket or a
+bucket that did not build in the warm-up's time.
+
+    steps = DecodeStepCache(model, kv_caches, buckets=(1, 2, 4, 8))              # CPU: inductor
+    steps = DecodeStepCache(model, kv_caches, capture=cuda_graph_capture(),       # CUDA graphs
+                            attn=runner.attn, max_model_len=8192, compile_fn=eager)
+    steps.warm_up(budget_s=120)                  # build the buckets, smallest first
+    if steps.can_run(num_tokens, max_seqlen_q):  # a step of decodes within a built bucket
         hidden = steps.run(input_ids, positions, meta, attn)   # [B, hidden]
 
-    real rows  0 .. B-1 | padding B .. bucket-1  (token 0 at position 0: computed, never stored,
-                                                  never attended, cut off the output)
+    real rows  0 .. B-1 | padding B .. bucket-1  (token 0 at position 0, slot -1: computed, never
+                                                  stored, attends to one key, cut off the output)
 
 The linears enter the graph as `kvthreads::packed_linear` (packed_linear.py); whether every
-group is still packed is checked once a step in `can_run` (a weight replaced since: eager).
-Compiled artifacts persist in inductor's cache folder (TORCHINDUCTOR_CACHE_DIR), so a restart
-recompiles from the cache in a fraction of the first time.
+group is still packed is checked once a step in `can_run` (a weight replaced since: eager). A
+captured step also holds the pool's addresses: a pool whose tensors changed since is captured
+again at the next step (`can_run`). Compiled artifacts persist in inductor's cache folder
+(TORCHINDUCTOR_CACHE_DIR), so a restart recompiles from the cache in a fraction of the first time.
 """
 
 from __future__ import annotations
@@ -40,7 +53,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
-WARMUP_BUDGET_S = 300.0  # compile buckets, smallest first, until this much time has gone
+WARMUP_BUDGET_S = 300.0  # build buckets, smallest first, until this much time has gone
+
+# capture(fn) -> (replay, out): run fn once recorded; replay() redoes its work into `out`.
+Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], object], torch.Tensor]]
 
 
 @dataclass
@@ -81,11 +97,14 @@ def paged_attention_op(
     ctx = _current
     if ctx is None:
         raise RuntimeError("kvthreads::paged_attention runs only inside a compiled decode step")
-    out = torch.zeros_like(q)
     if ctx.attn is None:
-        return out
+        return torch.zeros_like(q)
     n = ctx.num_seqs
     k_cache, v_cache = ctx.kv_caches[layer]
+    if n == q.shape[0]:  # a captured step: its padding rows are the metadata's own
+        ctx.attn.store_kv(key, value, k_cache, v_cache, ctx.meta)
+        return ctx.attn.forward(q, k_cache, v_cache, ctx.meta, scale, layer)
+    out = torch.zeros_like(q)
     ctx.attn.store_kv(key[:n], value[:n], k_cache, v_cache, ctx.meta)
     out[:n] = ctx.attn.forward(q[:n], k_cache, v_cache, ctx.meta, scale, layer)
     return out
@@ -99,7 +118,8 @@ def _(
 
 
 class DecodeStepCache:
-    """The model's decode forward pass per batch-size bucket: compiled, or None (eager)."""
+    """The model's decode forward pass per batch-size bucket: built (compiled and/or captured),
+    or None (eager)."""
 
     def __init__(
         self,
@@ -107,14 +127,29 @@ class DecodeStepCache:
         kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]],
         buckets: Sequence[int] = DEFAULT_BUCKETS,
         compile_fn: Callable[[Callable], Callable] | None = None,
+        *,
+        capture: Capture | None = None,
+        attn: AttentionBackend | None = None,  # captured steps: the backend they replay
+        max_model_len: int | None = None,  # captured steps: the longest context attended
     ) -> None:
+        if capture is not None:
+            if attn is None or not attn.reads_metadata_only:
+                raise ValueError("a captured decode step needs a backend that keeps no step state")
+            if max_model_len is None:
+                raise ValueError("a captured decode step needs max_model_len")
         self.model = model
         self.kv_caches = kv_caches
         self.buckets = sorted(set(buckets))
         self.compile_fn = compile_fn or _inductor
+        self.capture = capture
+        self.attn = attn
+        self.max_model_len = max_model_len
         self.steps: dict[int, Callable | None] = dict.fromkeys(self.buckets)
         self.device = kv_caches[0][0].device
+        self.num_captures = 0  # graphs recorded, first builds and rebuilds (tests)
         self._groups = model.linear_groups()
+        self._pool_key = _pool_key(kv_caches)
+        self._budget_s = WARMUP_BUDGET_S
         # One cache entry per bucket on the same code object (and more for other models).
         limit = torch._dynamo.config.recompile_limit
         torch._dynamo.config.recompile_limit = max(limit, 8 * len(self.buckets))
@@ -123,37 +158,49 @@ class DecodeStepCache:
         return next((b for b in self.buckets if b >= num_tokens), None)
 
     def warm_up(self, budget_s: float = WARMUP_BUDGET_S) -> list[int]:
-        """Compile the buckets, smallest first, while the budget lasts (a bucket started is
-        finished); the rest stay eager. Returns the compiled buckets."""
+        """Build the buckets, smallest first, while the budget lasts (a bucket started is
+        finished); the rest stay eager. Returns the built buckets."""
+        self._budget_s = budget_s
         start = time.perf_counter()
+        forward = None
         for bucket in self.buckets:
             if time.perf_counter() - start > budget_s:
-                log.info("compile budget spent: decode batches over %d run eager", bucket // 2)
+                log.info("warm-up budget spent: decode batches over %d run eager", bucket // 2)
                 break
             t0 = time.perf_counter()
             try:
-                step = self.compile_fn(self._forward)
-                zeros = torch.zeros(bucket, dtype=torch.int64, device=self.device)
-                with torch.inference_mode(), _step_context(_StepContext(None, None, [], 0)):
-                    step(zeros, zeros)  # compiles; attention gives zeros, the pool is untouched
-            except Exception:  # a backend that cannot compile this: the bucket stays eager
-                log.warning("compiling the decode step for %d sequences failed", bucket, exc_info=1)
+                # One compiled function for every bucket: dynamo keeps an entry per shape.
+                forward = forward or self.compile_fn(self._forward)
+                if self.capture is None:
+                    step = _PaddedStep(forward, bucket, self.kv_caches, self.device)
+                else:
+                    static = self._static_inputs(bucket)
+                    step = _CapturedStep(forward, static, self.attn, self.kv_caches, self.capture)
+                    self.num_captures += 1
+            except Exception:  # a backend that cannot build this: the bucket stays eager
+                log.warning("building the decode step for %d sequences failed", bucket, exc_info=1)
                 continue
             self.steps[bucket] = step
             log.info(
-                "decode step for %d sequences compiled in %.1f s", bucket, time.perf_counter() - t0
+                "decode step for %d sequences built in %.1f s", bucket, time.perf_counter() - t0
             )
         return [b for b, step in self.steps.items() if step is not None]
 
     def can_run(self, num_tokens: int, max_seqlen_q: int) -> bool:
-        """A step of decodes (one query per sequence) within a compiled bucket, every linear
-        still packed or fused as it was when traced."""
+        """A step of decodes (one query per sequence) within a built bucket, every linear still
+        packed or fused as it was when traced. Captured steps whose pool's tensors moved since
+        are captured again first."""
         if max_seqlen_q != 1:
             return False
         bucket = self.bucket_for(num_tokens)
         if bucket is None or self.steps[bucket] is None:
             return False
-        return not any(group.is_stale for group in self._groups)
+        if any(group.is_stale for group in self._groups):
+            return False
+        if self.capture is not None and _pool_key(self.kv_caches) != self._pool_key:
+            self._capture_again()
+            return self.steps[bucket] is not None
+        return True
 
     def run(
         self,
@@ -162,21 +209,158 @@ class DecodeStepCache:
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [B, hidden], through the bucket's compiled step."""
-        num_seqs = input_ids.shape[0]
-        bucket = self.bucket_for(num_seqs)
-        step = self.steps[bucket]
-        pad = bucket - num_seqs
-        if pad:
-            input_ids = F.pad(input_ids, (0, pad))
-            positions = F.pad(positions, (0, pad))
-        with _step_context(_StepContext(attn, meta, self.kv_caches, num_seqs)):
-            hidden = step(input_ids, positions)
-        return hidden[:num_seqs]
+        """Hidden states after the final norm, [B, hidden], through the bucket's step."""
+        step = self.steps[self.bucket_for(input_ids.shape[0])]
+        return step(input_ids, positions, meta, attn)
+
+    def _capture_again(self) -> None:
+        """The graphs hold the old pool's addresses: record the buckets that were built anew."""
+        log.info("the KV pool moved: capturing the decode steps again")
+        built = [b for b, step in self.steps.items() if step is not None]
+        all_buckets = self.buckets
+        self.steps = dict.fromkeys(all_buckets)
+        self._pool_key = _pool_key(self.kv_caches)
+        self.buckets = built
+        try:
+            self.warm_up(self._budget_s)
+        finally:
+            self.buckets = all_buckets
+
+    def _static_inputs(self, bucket: int) -> _StaticInputs:
+        block_size = self.kv_caches[0][0].shape[1]
+        max_blocks = -(-self.max_model_len // block_size)
+        return _StaticInputs(bucket, max_blocks, block_size, self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # meta and attn stay outside the graph: the layers call kvthreads::paged_attention.
         return self.model(input_ids, positions, self.kv_caches, None, None)
+
+
+class _PaddedStep:
+    """A bucket's forward pass, called on each step's inputs padded up to the bucket."""
+
+    def __init__(self, forward: Callable, bucket: int, kv_caches, device: torch.device) -> None:
+        self.forward = forward
+        self.bucket = bucket
+        self.kv_caches = kv_caches
+        zeros = torch.zeros(bucket, dtype=torch.int64, device=device)
+        with torch.inference_mode(), _step_context(_StepContext(None, None, [], 0)):
+            forward(zeros, zeros)  # compiles; attention gives zeros, the pool is untouched
+
+    def __call__(self, input_ids, positions, meta, attn) -> torch.Tensor:
+        num_seqs = input_ids.shape[0]
+        pad = self.bucket - num_seqs
+        if pad:
+            input_ids = F.pad(input_ids, (0, pad))
+            positions = F.pad(positions, (0, pad))
+        with _step_context(_StepContext(attn, meta, self.kv_caches, num_seqs)):
+            hidden = self.forward(input_ids, positions)
+        return hidden[:num_seqs]
+
+
+class _StaticInputs:
+    """One bucket's step inputs at fixed addresses, as a captured graph reads them.
+
+    rows 0 .. B-1       the step's ids, positions, slots, KV lengths and block tables
+    rows B .. bucket-1  padding: slot -1 (stores nothing), KV length 1 (attends to the first
+                        key of whatever block its table row names: finite, discarded)
+    """
+
+    def __init__(self, bucket: int, max_blocks: int, block_size: int, device) -> None:
+        from app.engine.network.attention.base import AttentionMetadata
+
+        self.bucket = bucket
+        self.input_ids = torch.zeros(bucket, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(bucket, dtype=torch.int64, device=device)
+        self.meta = AttentionMetadata(
+            slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(bucket, max_blocks, dtype=torch.int32, device=device),
+            cu_seqlens_q=torch.arange(bucket + 1, dtype=torch.int32, device=device),
+            seq_lens=torch.ones(bucket, dtype=torch.int32, device=device),
+            max_seqlen_q=1,
+            max_seqlen_k=max_blocks * block_size,
+            replayed=True,  # the kernels cut each sequence's keys, whatever its length
+        )
+
+    def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> None:
+        num_seqs, width = meta.block_tables.shape
+        static = self.meta
+        if width > static.block_tables.shape[1]:
+            raise ValueError(f"a block table of {width} blocks is past max_model_len")
+        self.input_ids[:num_seqs].copy_(input_ids)
+        self.positions[:num_seqs].copy_(positions)
+        static.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
+        static.seq_lens[:num_seqs].copy_(meta.seq_lens)
+        static.block_tables[:num_seqs, :width].copy_(meta.block_tables)
+        if num_seqs < self.bucket:  # rows a larger batch filled before are padding again
+            static.slot_mapping[num_seqs:].fill_(-1)
+            static.seq_lens[num_seqs:].fill_(1)
+
+
+class _CapturedStep:
+    """A bucket's forward pass recorded over its static inputs, replayed on each step's."""
+
+    def __init__(
+        self,
+        forward: Callable,
+        static: _StaticInputs,
+        attn: AttentionBackend,
+        kv_caches,
+        capture: Capture,
+    ) -> None:
+        self.static = static
+        self.attn = attn
+
+        def record() -> torch.Tensor:
+            context = _StepContext(attn, static.meta, kv_caches, static.bucket)
+            with torch.inference_mode(), _step_context(context):
+                return forward(static.input_ids, static.positions)
+
+        self.replay, self.out = capture(record)
+
+    def __call__(self, input_ids, positions, meta, attn) -> torch.Tensor:
+        if attn is not self.attn:
+            raise RuntimeError("a captured decode step replays the backend it was captured with")
+        self.static.fill(input_ids, positions, meta)
+        self.replay()
+        return self.out[: input_ids.shape[0]]
+
+
+def cuda_graph_capture(pool: object | None = None) -> Capture:
+    """CUDA graphs sharing one memory pool (one step replays at a time). Two runs on a side
+    stream first, as torch asks: lazy initialisation (cuBLAS handles, Triton's first launch,
+    inductor's compile) must not happen inside the capture."""
+    pool = pool if pool is not None else torch.cuda.graph_pool_handle()
+
+    def capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+        return graph.replay, out
+
+    return capture
+
+
+def rerun_capture(fn: Callable[[], torch.Tensor]) -> tuple[Callable[[], object], torch.Tensor]:
+    """A stand-in for a CUDA graph on any device: "replay" runs fn again over the same static
+    inputs and writes the result into the recorded output, as a graph does (tests)."""
+    out = fn()
+    return (lambda: out.copy_(fn())), out
+
+
+def eager(fn: Callable) -> Callable:
+    """compile_fn for a captured step without torch.compile: the eager forward is recorded."""
+    return fn
+
+
+def _pool_key(kv_caches) -> tuple[int, ...]:
+    return tuple(t.data_ptr() for pair in kv_caches for t in pair)
 
 
 def _inductor(fn: Callable) -> Callable:

@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from app.chat.detokenizer import Decode
-from app.engine.network.compiled_step import DEFAULT_BUCKETS, WARMUP_BUDGET_S, DecodeStepCache
+from app.engine.network.compiled_step import (
+    DEFAULT_BUCKETS,
+    WARMUP_BUDGET_S,
+    DecodeStepCache,
+    cuda_graph_capture,
+    eager,
+)
 from app.engine.network.kv_offload import block_shape
 from app.engine.network.kv_pool import KVPool, bytes_per_block, num_blocks_for_budget
 from app.engine.network.model import CausalLM
@@ -111,6 +117,7 @@ class LLMEngine:
         model_name: str = "",
         attention_backend: str | None = None,
         compile_decode: bool = False,
+        cuda_graphs: bool | None = None,
         compile_budget_s: float = WARMUP_BUDGET_S,
         host_cache_mb: float = 0,
         disk_cache_dir: Path | str | None = None,
@@ -125,7 +132,9 @@ class LLMEngine:
         `on_logits(seqs, logits)` sees the logits each step samples from (tests). `model_name`
         goes into the identity that shared KV blocks are named with, with the model's shapes, the
         dtype and the block size. `compile_decode` compiles the decode step for batch sizes up to
-        max_num_seqs (network/compiled_step.py), for up to compile_budget_s here, at construction.
+        max_num_seqs (network/compiled_step.py); `cuda_graphs` captures it (compiled or eager) as
+        CUDA graphs, None: on a CUDA pool with the Triton backend. Both for up to
+        compile_budget_s here, at construction.
 
         The tiers below the pool (app/engine/runtime/kv_hierarchy.py): host_cache_mb of host
         memory, disk_cache_mb of snapshots in disk_cache_dir (0 or no folder: off). `persist`
@@ -178,9 +187,21 @@ class LLMEngine:
         self.runner = ModelRunner(
             model, self.pool.layer_caches, block_size, attention_backend=attention_backend
         )
-        if compile_decode:
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and self.runner.attn.reads_metadata_only
+        elif cuda_graphs and self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device}")
+        if compile_decode or cuda_graphs:
             buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-            steps = DecodeStepCache(model, self.pool.layer_caches, buckets)
+            steps = DecodeStepCache(
+                model,
+                self.pool.layer_caches,
+                buckets,
+                compile_fn=None if compile_decode else eager,
+                capture=cuda_graph_capture() if cuda_graphs else None,
+                attn=self.runner.attn if cuda_graphs else None,
+                max_model_len=self.max_model_len,
+            )
             steps.warm_up(compile_budget_s)
             self.runner.decode_steps = steps
         self.scheduler = Scheduler(

@@ -35,10 +35,17 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, KV length after this step (cached + new)
     max_seqlen_q: int
     max_seqlen_k: int
+    # Recorded once and replayed with other values (a CUDA graph): the launch choices must hold
+    # for any KV length up to max_seqlen_k, not only for this step's.
+    replayed: bool = False
 
 
 class AttentionBackend(ABC):
     """One device's attention: stores the step's keys/values in the pool and attends over it."""
+
+    # True where store_kv/forward read the step's metadata tensors and nothing `prepare` kept:
+    # such a backend can be recorded in a CUDA graph and replayed on other metadata values.
+    reads_metadata_only = False
 
     @abstractmethod
     def prepare(

@@ -29,6 +29,8 @@ from kernels.store_kv import _store_kv_kernel, store_kv
 
 
 class TritonBackend(AttentionBackend):
+    reads_metadata_only = True  # the kernels keep no state between steps: CUDA graphs replay it
+
     def __init__(self, kv_caches: KVCaches) -> None:
         # At start, not at the first step: a CPU pool needs the interpreted kernels.
         device = kv_caches[0][0].device
@@ -75,6 +77,7 @@ class TritonBackend(AttentionBackend):
             scale,
             max_seqlen_q=meta.max_seqlen_q,
             max_seqlen_k=meta.max_seqlen_k,
+            split_each_seq=meta.replayed,
         )
 
     def finish_step(self) -> None:

@@ -63,7 +63,14 @@ def random_prompt(seed: int, count: int, vocab_size: int) -> list[int]:
     return torch.randint(0, vocab_size, (count,), generator=gen).tolist()
 
 
-def engine_for(model, tokens: int, max_num_seqs: int, graphs: bool | None, batch_tokens: int):
+def engine_for(
+    model,
+    tokens: int,
+    max_num_seqs: int,
+    graphs: bool | None,
+    batch_tokens: int,
+    compiled: bool = False,
+) -> LLMEngine:
     dtype = next(model.parameters()).dtype
     per_token = bytes_per_block(model.config, 1, dtype)
     return LLMEngine(
@@ -73,13 +80,15 @@ def engine_for(model, tokens: int, max_num_seqs: int, graphs: bool | None, batch
         max_num_seqs=max_num_seqs,
         max_model_len=MAX_MODEL_LEN,
         cuda_graphs=graphs,
+        compile_decode=compiled,
     )
 
 
-def decode(model, batch: int, prompt: int, steps: int, graphs: bool) -> dict:
+def decode(model, batch: int, prompt: int, steps: int, graphs: bool, compiled=False) -> dict:
     """Step and forward times of `steps` decode steps of `batch` sequences (after warm-up)."""
     device = next(model.parameters()).device
-    engine = engine_for(model, batch * (prompt + steps + 8), batch, graphs, batch * prompt)
+    tokens = batch * (prompt + steps + 8)
+    engine = engine_for(model, tokens, batch, graphs, batch * prompt, compiled)
     forward_s = []
     run = engine.runner.run
 
@@ -160,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model (the logic, on a CPU)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--out", type=Path, default=Path("bench/out"))
+    parser.add_argument(
+        "--compile", action="store_true", help="also batch 1 with torch.compile (minutes on a GPU)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_targets: no CUDA device here (use --tiny --device cpu)", file=sys.stderr)
@@ -179,16 +191,28 @@ def main(argv: list[str] | None = None) -> int:
           f"of weights, {dtype}; torch {torch.__version__}", flush=True)  # fmt: skip
 
     rows, results = [], {"device": name, "copy_bytes_per_s": ceiling, "decode": []}
-    graph_modes = (True, False) if device.type == "cuda" else (False,)
-    for batch in (1, 32):
-        for graphs in graph_modes:
-            r = decode(model, batch, prompt, steps, graphs)
-            read = weight_bytes + batch * r["context"] * kv_per_token
-            r |= {"batch": batch, "graphs": graphs, "bytes_per_s": read / r["step_s"]}
-            results["decode"].append(r)
-            rows.append({
+    # (batch, CUDA graphs, torch.compile): compiling costs minutes on a GPU, batch 1 only
+    modes = [
+        (b, g, False)
+        for b in (1, 32)
+        for g in ((True, False) if device.type == "cuda" else (False,))
+    ]
+    if args.compile:
+        modes.insert(1, (1, device.type == "cuda", True))
+    for batch, graphs, compiled in modes:
+        r = decode(model, batch, prompt, steps, graphs, compiled)
+        read = weight_bytes + batch * r["context"] * kv_per_token
+        r |= {
+            "batch": batch,
+            "graphs": graphs,
+            "compiled": compiled,
+            "bytes_per_s": read / r["step_s"],
+        }
+        results["decode"].append(r)
+        kind = "CUDA graphs" if r["replayed"] and graphs else "eager"
+        rows.append({
                 "batch": batch,
-                "decode step": "CUDA graphs" if r["replayed"] else "eager",
+                "decode step": ("compiled, " if compiled else "") + kind,
                 "step ms": f"{r['step_s'] * 1e3:.3f}",
                 "forward ms": f"{r['forward_s'] * 1e3:.3f}",
                 "tokens/s": f"{r['tok_s']:.0f}",

@@ -115,7 +115,7 @@ def decode(model, batch: int, prompt: int, steps: int, graphs: bool, compiled=Fa
         engine.step()
         step_s.append(time.perf_counter() - t0)
     context = prompt + 4 + steps // 2  # the middle step's KV length
-    replayed = engine.runner.decode_steps is not None
+    replayed = engine.runner.step_cache is not None
     del engine
     free_memory()
     step, forward = statistics.median(step_s), statistics.median(forward_s)

@@ -96,3 +96,17 @@ def play_changing_batches(engine: LLMEngine) -> list[torch.Tensor]:
         for key in threads:
             engine.commit_turn(key)
     return logits
+
+
+def count_replays(steps) -> list[tuple[int, int, int]]:
+    """Every step a StepCache (network/compiled_step.py) runs, as (tokens, sequences, longest
+    query), appended as it runs."""
+    replays = []
+    original = steps.run
+
+    def run(ids, positions, meta, attn):
+        replays.append((ids.shape[0], meta.seq_lens.shape[0], meta.max_seqlen_q))
+        return original(ids, positions, meta, attn)
+
+    steps.run = run
+    return replays

@@ -1,6 +1,6 @@
-"""Decode steps replayed as CUDA graphs give the eager steps' logits (float32, TF32 off), on a
-tiny model through turns whose decode batches change size: padded up to the buckets, shrinking
-within one as threads finish. CUDA only; the CPU runs the same mechanism with a stand-in for the
+"""Steps replayed as CUDA graphs give the eager steps' logits (float32, TF32 off), on a tiny
+model through turns whose decode batches change size (padded up to the buckets) and whose short
+prefills run beside other threads' (the mixed shapes). CUDA only; the CPU runs the same mechanism with a stand-in for the
 graph (tests/kernels/test_engine_captured_decode.py). On a GPU machine, without the web
 packages: `python3 -m pytest --noconftest -p no:cacheprovider tests/engine/test_engine_cuda_graphs.py`.
 """
@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from app.engine.runtime.llm_engine import LLMEngine
-from tests.engine.engine_testing import play_changing_batches, random_model, tiny_config
+from tests.engine.engine_testing import (
+    count_replays,
+    play_changing_batches,
+    random_model,
+    tiny_config,
+)
 
 
 def cuda_engine(model, cuda_graphs: bool, max_num_seqs: int) -> LLMEngine:
@@ -27,19 +32,19 @@ def cuda_engine(model, cuda_graphs: bool, max_num_seqs: int) -> LLMEngine:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("max_num_seqs", [3, 4])  # buckets 1, 2, 3 and 1, 2, 4
+@pytest.mark.parametrize("max_num_seqs", [3, 4])  # decode buckets 1, 2, 3 and 1, 2, 4
 def test_graph_replays_equal_eager_steps(max_num_seqs):
     torch.backends.cuda.matmul.allow_tf32 = False
     model = random_model(tiny_config(num_heads=4, num_kv_heads=2, head_dim=16), seed=7).cuda()
     expected = play_changing_batches(cuda_engine(model, False, max_num_seqs))
     engine = cuda_engine(model, True, max_num_seqs)
-    steps = engine.runner.decode_steps
-    assert steps is not None and steps.num_captures == len(steps.buckets)
-    replays = []
-    original = steps.run
-    steps.run = lambda ids, *rest: replays.append(ids.shape[0]) or original(ids, *rest)
+    steps = engine.runner.step_cache
+    assert steps is not None and steps.num_captures == len(steps.steps)
+    assert steps.mixed_shapes  # short prefills beside decodes: captured too
+    replays = count_replays(steps)
     got = play_changing_batches(engine)
-    assert sorted(set(replays)) == [1, 2, 3]
+    assert sorted({seqs for _, seqs, q in replays if q == 1}) == [1, 2, 3]
+    assert [(tokens, seqs) for tokens, seqs, q in replays if q > 1] == [(21, 3), (5, 1), (12, 2)]
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=0)

@@ -34,6 +34,7 @@ class StepCounter(TorchDispatchMode):
         self.ops: dict[str, Counter] = {}
         self.uploads: Counter = Counter()
         self.cross_device: list[str] = []
+        self.host_to_device = 0  # copies from host memory to the device, in any phase
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -44,6 +45,8 @@ class StepCounter(TorchDispatchMode):
             dst = out
             if src.device != dst.device and self.phases[-1] != "upload":
                 self.cross_device.append(f"{self.phases[-1]}: {func}")
+            if src.device.type == "cpu" and dst.device.type != "cpu":
+                self.host_to_device += 1
         return out
 
     def tagged(self, phase: str, fn):
@@ -161,4 +164,4 @@ def test_a_decode_step_on_cuda_copies_only_through_the_upload_points(monkeypatch
     assert upload_calls(counter) == 8
     # Every host-to-device copy is an upload's non-blocking copy, nothing else crosses.
     assert counter.cross_device == []
-    assert counter.uploads["aten._to_copy.default"] == 8, dict(counter.uploads)
+    assert counter.host_to_device == 8, dict(counter.uploads)

@@ -1,32 +1,36 @@
-"""Decode steps at fixed batch sizes, padded up to them: compiled (torch.compile) on the CPU,
-captured as CUDA graphs on a GPU, one mechanism for both.
+"""Steps at fixed shapes, padded up to them: compiled (torch.compile) on the CPU, captured as
+CUDA graphs on a GPU, one mechanism for both.
 
 A step of decodes is one token per sequence, so its shapes are those of the batch size alone,
 except attention's keys, which grow every step. The cache builds the forward pass once per
-batch-size bucket, with attention as one opaque op, `kvthreads::paged_attention`, that calls the
-step's backend eagerly:
+shape, with attention as one opaque op, `kvthreads::paged_attention`, that calls the step's
+backend eagerly:
 
-- compiled (`compile_fn`, default inductor): norms, rope, SiLU and residual adds fused around the
-  linears; the CPU's speed-up, and on CUDA the fewer kernels a graph then replays.
+- compiled (`compile_fn`, default inductor): decode steps per batch-size bucket; norms, rope,
+  SiLU and residual adds fused around the linears.
 - captured (`capture`, CUDA graphs): the forward pass (compiled or eager) recorded once over
-  static input buffers and replayed: one launch for the whole step, where a small batch is bound
-  by launching ~25 kernels per layer rather than by the GPU. The step's inputs are copied into
-  the buffers; attention reads a block table of max_model_len's width, and splits each
-  sequence's own keys (`AttentionMetadata.replayed`). Only a backend that reads the step's
-  metadata as it is (`reads_metadata_only`, the Triton one) can be captured.
+  static input buffers and replayed: one launch for the whole step, where a small step is bound
+  by launching ~25 kernels per layer from Python rather than by the GPU. Decode buckets, and
+  `mixed_buckets` of (tokens, sequences) for steps of short prefills beside decodes: a new
+  message on a long cached history is such a step, and its time to first token is then the
+  GPU's. The step's inputs are copied into the buffers; attention reads a block table of
+  max_model_len's width, and splits each sequence's own keys (`AttentionMetadata.replayed`).
+  Only a backend that reads the step's metadata as it is (`reads_metadata_only`, the Triton
+  one) can be captured.
 
-Prefills and mixed steps stay eager, and so does a decode batch past the largest bucket or a
-bucket that did not build in the warm-up's time.
+Longer prefills stay eager (they are bound by the GPU's arithmetic), and so does a step past the
+largest shape or one that did not build in the warm-up's time.
 
-    steps = DecodeStepCache(model, kv_caches, buckets=(1, 2, 4, 8))              # CPU: inductor
-    steps = DecodeStepCache(model, kv_caches, capture=cuda_graph_capture(),       # CUDA graphs
-                            attn=runner.attn, max_model_len=8192, compile_fn=eager)
-    steps.warm_up(budget_s=120)                  # build the buckets, smallest first
-    if steps.can_run(num_tokens, max_seqlen_q):  # a step of decodes within a built bucket
-        hidden = steps.run(input_ids, positions, meta, attn)   # [B, hidden]
+    steps = StepCache(model, kv_caches, buckets=(1, 2, 4, 8))                    # CPU: inductor
+    steps = StepCache(model, kv_caches, capture=cuda_graph_capture(), attn=runner.attn,
+                      max_model_len=8192, compile_fn=eager,                      # CUDA graphs
+                      mixed_buckets=[(64, 1), (64, 4), (256, 4)])
+    steps.warm_up(budget_s=120)                          # build the shapes, smallest first
+    if steps.can_run(num_tokens, num_seqs, max_seqlen_q):   # a step within a built shape
+        hidden = steps.run(input_ids, positions, meta, attn)   # [T, hidden]
 
-    real rows  0 .. B-1 | padding B .. bucket-1  (token 0 at position 0, slot -1: computed, never
-                                                  stored, attends to one key, cut off the output)
+    real rows  0 .. T-1 | padding T .. shape-1  (slot -1: computed, never stored, cut off the
+                                                 output; _StaticInputs draws the padding)
 
 The linears enter the graph as `kvthreads::packed_linear` (packed_linear.py); whether every
 group is still packed is checked once a step in `can_run` (a weight replaced since: eager). A
@@ -55,6 +59,23 @@ log = logging.getLogger(__name__)
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32)
 WARMUP_BUDGET_S = 300.0  # build buckets, smallest first, until this much time has gone
 
+# Captured mixed steps: up to this many tokens (short prefills beside decodes); longer ones are
+# bound by the GPU's arithmetic, where one launch per kernel costs little.
+MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
+
+
+def mixed_buckets(max_batch_tokens: int, max_num_seqs: int) -> list[tuple[int, int]]:
+    """(tokens, sequences) shapes to capture for an engine's step limits."""
+    seq_buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+    return [
+        (tokens, seqs)
+        for tokens in MIXED_TOKEN_BUCKETS
+        if tokens <= max_batch_tokens
+        for seqs in seq_buckets
+        if seqs <= tokens
+    ]
+
+
 # capture(fn) -> (replay, out): run fn once recorded; replay() redoes its work into `out`.
 Capture = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], object], torch.Tensor]]
 
@@ -64,7 +85,7 @@ class _StepContext:
     attn: AttentionBackend | None  # None: a warm-up pass, attention gives zeros
     meta: AttentionMetadata | None
     kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]]
-    num_seqs: int  # real rows; the rest of the bucket is padding
+    num_rows: int  # rows the backend serves; the rest of the bucket is padding, given zeros
 
 
 _current: _StepContext | None = None
@@ -99,7 +120,7 @@ def paged_attention_op(
         raise RuntimeError("kvthreads::paged_attention runs only inside a compiled decode step")
     if ctx.attn is None:
         return torch.zeros_like(q)
-    n = ctx.num_seqs
+    n = ctx.num_rows
     k_cache, v_cache = ctx.kv_caches[layer]
     if n == q.shape[0]:  # a captured step: its padding rows are the metadata's own
         ctx.attn.store_kv(key, value, k_cache, v_cache, ctx.meta)
@@ -117,9 +138,11 @@ def _(
     return torch.empty_like(q)
 
 
-class DecodeStepCache:
-    """The model's decode forward pass per batch-size bucket: built (compiled and/or captured),
-    or None (eager)."""
+class StepCache:
+    """The model's forward pass per step shape, (tokens, sequences): built (compiled and/or
+    captured), or None (eager). Decode shapes are (B, B), one per bucket of `buckets`; with a
+    capture, `mixed_buckets` add (T, S) shapes for steps of prefill chunks and decodes together,
+    up to T tokens of up to S sequences (a short turn on a long cached history is one)."""
 
     def __init__(
         self,
@@ -131,105 +154,114 @@ class DecodeStepCache:
         capture: Capture | None = None,
         attn: AttentionBackend | None = None,  # captured steps: the backend they replay
         max_model_len: int | None = None,  # captured steps: the longest context attended
+        mixed_buckets: Sequence[tuple[int, int]] = (),  # captured steps: (tokens, sequences)
     ) -> None:
         if capture is not None:
             if attn is None or not attn.reads_metadata_only:
-                raise ValueError("a captured decode step needs a backend that keeps no step state")
+                raise ValueError("a captured step needs a backend that keeps no step state")
             if max_model_len is None:
-                raise ValueError("a captured decode step needs max_model_len")
+                raise ValueError("a captured step needs max_model_len")
+        elif mixed_buckets:
+            raise ValueError("mixed steps are only captured (CUDA graphs), not compiled alone")
         self.model = model
         self.kv_caches = kv_caches
-        self.buckets = sorted(set(buckets))
+        self.decode_shapes = [(b, b) for b in sorted(set(buckets))]
+        self.mixed_shapes = sorted(set(mixed_buckets))
         self.compile_fn = compile_fn or _inductor
         self.capture = capture
         self.attn = attn
         self.max_model_len = max_model_len
-        self.steps: dict[int, Callable | None] = dict.fromkeys(self.buckets)
+        self.steps: dict[tuple[int, int], Callable | None] = dict.fromkeys(
+            self.decode_shapes + self.mixed_shapes
+        )
         self.device = kv_caches[0][0].device
         self.num_captures = 0  # graphs recorded, first builds and rebuilds (tests)
         self._groups = model.linear_groups()
         self._pool_key = _pool_key(kv_caches)
         self._budget_s = WARMUP_BUDGET_S
-        # One cache entry per bucket on the same code object (and more for other models).
+        # One cache entry per shape on the same code object (and more for other models).
         limit = torch._dynamo.config.recompile_limit
-        torch._dynamo.config.recompile_limit = max(limit, 8 * len(self.buckets))
+        torch._dynamo.config.recompile_limit = max(limit, 8 * len(self.steps))
 
-    def bucket_for(self, num_tokens: int) -> int | None:
-        return next((b for b in self.buckets if b >= num_tokens), None)
+    def shape_for(
+        self, num_tokens: int, num_seqs: int, max_seqlen_q: int
+    ) -> tuple[int, int] | None:
+        """The smallest shape a step fits: a decode bucket for a step of decodes, else a mixed
+        one (fewest tokens, then fewest sequences). None: larger than every one."""
+        if max_seqlen_q == 1:
+            return next((s for s in self.decode_shapes if s[1] >= num_seqs), None)
+        fits = (s for s in self.mixed_shapes if s[0] >= num_tokens and s[1] >= num_seqs)
+        return next(fits, None)
 
-    def warm_up(self, budget_s: float = WARMUP_BUDGET_S) -> list[int]:
-        """Build the buckets, smallest first, while the budget lasts (a bucket started is
-        finished); the rest stay eager. Returns the built buckets."""
+    def warm_up(
+        self, budget_s: float = WARMUP_BUDGET_S, shapes: Sequence[tuple[int, int]] | None = None
+    ) -> list[tuple[int, int]]:
+        """Build the shapes (default: all), decodes smallest first, then the mixed ones, while
+        the budget lasts (a shape started is finished); the rest stay eager. Returns the
+        shapes built."""
         self._budget_s = budget_s
         start = time.perf_counter()
         forward = None
-        for bucket in self.buckets:
+        for shape in self.steps if shapes is None else shapes:
             if time.perf_counter() - start > budget_s:
-                log.info("warm-up budget spent: decode batches over %d run eager", bucket // 2)
+                log.info("warm-up budget spent: steps from %s on run eager", shape)
                 break
             t0 = time.perf_counter()
             try:
-                # One compiled function for every bucket: dynamo keeps an entry per shape.
+                # One compiled function for every shape: dynamo keeps an entry per shape.
                 forward = forward or self.compile_fn(self._forward)
                 if self.capture is None:
-                    step = _PaddedStep(forward, bucket, self.kv_caches, self.device)
+                    step = _PaddedStep(forward, shape[0], self.kv_caches, self.device)
                 else:
-                    static = self._static_inputs(bucket)
+                    static = self._static_inputs(shape)
                     step = _CapturedStep(forward, static, self.attn, self.kv_caches, self.capture)
                     self.num_captures += 1
-            except Exception:  # a backend that cannot build this: the bucket stays eager
-                log.warning("building the decode step for %d sequences failed", bucket, exc_info=1)
+            except Exception:  # a backend that cannot build this: the shape stays eager
+                log.warning("building the step of shape %s failed", shape, exc_info=1)
                 continue
-            self.steps[bucket] = step
-            log.info(
-                "decode step for %d sequences built in %.1f s", bucket, time.perf_counter() - t0
-            )
-        return [b for b, step in self.steps.items() if step is not None]
+            self.steps[shape] = step
+            log.debug("step of shape %s built in %.2f s", shape, time.perf_counter() - t0)
+        built = [shape for shape, step in self.steps.items() if step is not None]
+        log.info("%d step shapes built in %.1f s", len(built), time.perf_counter() - start)
+        return built
 
-    def can_run(self, num_tokens: int, max_seqlen_q: int) -> bool:
-        """A step of decodes (one query per sequence) within a built bucket, every linear still
-        packed or fused as it was when traced. Captured steps whose pool's tensors moved since
-        are captured again first."""
-        if max_seqlen_q != 1:
-            return False
-        bucket = self.bucket_for(num_tokens)
-        if bucket is None or self.steps[bucket] is None:
+    def can_run(self, num_tokens: int, num_seqs: int, max_seqlen_q: int) -> bool:
+        """A step within a built shape, every linear still packed or fused as it was when
+        traced. Captured steps whose pool's tensors moved since are captured again first."""
+        shape = self.shape_for(num_tokens, num_seqs, max_seqlen_q)
+        if shape is None or self.steps[shape] is None:
             return False
         if any(group.is_stale for group in self._groups):
             return False
         if self.capture is not None and _pool_key(self.kv_caches) != self._pool_key:
             self._capture_again()
-            return self.steps[bucket] is not None
+            return self.steps[shape] is not None
         return True
 
     def run(
         self,
-        input_ids: torch.Tensor,  # [B]
-        positions: torch.Tensor,  # [B]
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
         meta: AttentionMetadata,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        """Hidden states after the final norm, [B, hidden], through the bucket's step."""
-        step = self.steps[self.bucket_for(input_ids.shape[0])]
-        return step(input_ids, positions, meta, attn)
+        """Hidden states after the final norm, [T, hidden], through the shape's step."""
+        shape = self.shape_for(input_ids.shape[0], meta.seq_lens.shape[0], meta.max_seqlen_q)
+        return self.steps[shape](input_ids, positions, meta, attn)
 
     def _capture_again(self) -> None:
-        """The graphs hold the old pool's addresses: record the buckets that were built anew."""
-        log.info("the KV pool moved: capturing the decode steps again")
-        built = [b for b, step in self.steps.items() if step is not None]
-        all_buckets = self.buckets
-        self.steps = dict.fromkeys(all_buckets)
+        """The graphs hold the old pool's addresses: record the shapes that were built anew."""
+        log.info("the KV pool moved: capturing the steps again")
+        built = [shape for shape, step in self.steps.items() if step is not None]
+        self.steps = dict.fromkeys(self.steps)
         self._pool_key = _pool_key(self.kv_caches)
-        self.buckets = built
-        try:
-            self.warm_up(self._budget_s)
-        finally:
-            self.buckets = all_buckets
+        self.warm_up(self._budget_s, built)
 
-    def _static_inputs(self, bucket: int) -> _StaticInputs:
+    def _static_inputs(self, shape: tuple[int, int]) -> _StaticInputs:
         block_size = self.kv_caches[0][0].shape[1]
         max_blocks = -(-self.max_model_len // block_size)
-        return _StaticInputs(bucket, max_blocks, block_size, self.device)
+        decode = shape in self.decode_shapes
+        return _StaticInputs(*shape, decode, max_blocks, block_size, self.device)
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         # meta and attn stay outside the graph: the layers call kvthreads::paged_attention.
@@ -259,46 +291,66 @@ class _PaddedStep:
 
 
 class _StaticInputs:
-    """One bucket's step inputs at fixed addresses, as a captured graph reads them.
+    """One shape's step inputs at fixed addresses, as a captured graph reads them.
 
-    rows 0 .. B-1       the step's ids, positions, slots, KV lengths and block tables
-    rows B .. bucket-1  padding: slot -1 (stores nothing), KV length 1 (attends to the first
-                        key of whatever block its table row names: finite, discarded)
+    tokens 0 .. n-1   the step's ids, positions and slots; then padding: slot -1 (nothing
+                      stored), their rows computed and cut off
+    seqs 0 .. s-1     the step's query offsets, KV lengths and block tables; then padding:
+      decode shape      one query each (cu_seqlens_q stays 0, 1, 2, ...), KV length 1: it
+                        attends to the first key of whatever block its table row names
+      mixed shape       no query (cu_seqlens_q repeats n): the kernels pass over it
     """
 
-    def __init__(self, bucket: int, max_blocks: int, block_size: int, device) -> None:
+    def __init__(
+        self,
+        num_tokens: int,
+        num_seqs: int,
+        decode: bool,
+        max_blocks: int,
+        block_size: int,
+        device,
+    ) -> None:
         from app.engine.network.attention.base import AttentionMetadata
 
-        self.bucket = bucket
-        self.input_ids = torch.zeros(bucket, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(bucket, dtype=torch.int64, device=device)
+        self.num_tokens, self.num_seqs, self.decode = num_tokens, num_seqs, decode
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(num_tokens, dtype=torch.int64, device=device)
+        cu_seqlens_q = torch.arange(num_seqs + 1, dtype=torch.int32, device=device)
         self.meta = AttentionMetadata(
-            slot_mapping=torch.full((bucket,), -1, dtype=torch.int64, device=device),
-            block_tables=torch.zeros(bucket, max_blocks, dtype=torch.int32, device=device),
-            cu_seqlens_q=torch.arange(bucket + 1, dtype=torch.int32, device=device),
-            seq_lens=torch.ones(bucket, dtype=torch.int32, device=device),
-            max_seqlen_q=1,
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=device),
+            block_tables=torch.zeros(num_seqs, max_blocks, dtype=torch.int32, device=device),
+            cu_seqlens_q=cu_seqlens_q if decode else torch.zeros_like(cu_seqlens_q),
+            seq_lens=torch.ones(num_seqs, dtype=torch.int32, device=device),
+            max_seqlen_q=1 if decode else num_tokens,
             max_seqlen_k=max_blocks * block_size,
             replayed=True,  # the kernels cut each sequence's keys, whatever its length
         )
 
     def fill(self, input_ids: torch.Tensor, positions: torch.Tensor, meta) -> None:
+        num_tokens = input_ids.shape[0]
         num_seqs, width = meta.block_tables.shape
         static = self.meta
         if width > static.block_tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks is past max_model_len")
-        self.input_ids[:num_seqs].copy_(input_ids)
-        self.positions[:num_seqs].copy_(positions)
-        static.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
+        self.input_ids[:num_tokens].copy_(input_ids)
+        self.positions[:num_tokens].copy_(positions)
+        static.slot_mapping[:num_tokens].copy_(meta.slot_mapping)
         static.seq_lens[:num_seqs].copy_(meta.seq_lens)
         static.block_tables[:num_seqs, :width].copy_(meta.block_tables)
-        if num_seqs < self.bucket:  # rows a larger batch filled before are padding again
-            static.slot_mapping[num_seqs:].fill_(-1)
-            static.seq_lens[num_seqs:].fill_(1)
+        # Rows a larger step filled before are padding again (or they would store over its
+        # slots); a decode shape's query offsets never change.
+        if num_tokens < self.num_tokens:
+            static.slot_mapping[num_tokens:].fill_(-1)
+        if self.decode:
+            if num_seqs < self.num_seqs:
+                static.seq_lens[num_seqs:].fill_(1)
+        else:
+            static.cu_seqlens_q[: num_seqs + 1].copy_(meta.cu_seqlens_q)
+            static.cu_seqlens_q[num_seqs + 1 :].fill_(num_tokens)
 
 
 class _CapturedStep:
-    """A bucket's forward pass recorded over its static inputs, replayed on each step's."""
+    """A shape's forward pass recorded over its static inputs, replayed on each step's."""
 
     def __init__(
         self,
@@ -312,7 +364,7 @@ class _CapturedStep:
         self.attn = attn
 
         def record() -> torch.Tensor:
-            context = _StepContext(attn, static.meta, kv_caches, static.bucket)
+            context = _StepContext(attn, static.meta, kv_caches, static.num_tokens)
             with torch.inference_mode(), _step_context(context):
                 return forward(static.input_ids, static.positions)
 
@@ -320,7 +372,7 @@ class _CapturedStep:
 
     def __call__(self, input_ids, positions, meta, attn) -> torch.Tensor:
         if attn is not self.attn:
-            raise RuntimeError("a captured decode step replays the backend it was captured with")
+            raise RuntimeError("a captured step replays the backend it was captured with")
         self.static.fill(input_ids, positions, meta)
         self.replay()
         return self.out[: input_ids.shape[0]]

@@ -20,7 +20,7 @@ import torch
 
 from app.engine.network.attention import AttentionMetadata, create_backend
 from app.engine.network.block_table import DeviceBlockTable
-from app.engine.network.compiled_step import DecodeStepCache
+from app.engine.network.compiled_step import StepCache
 from app.engine.network.model import CausalLM
 from app.engine.runtime.scheduler import ScheduledBatch
 
@@ -42,10 +42,10 @@ class ModelRunner:
         block_size: int,
         *,
         attention_backend: str | None = None,
-        decode_steps: DecodeStepCache | None = None,
+        step_cache: StepCache | None = None,
     ) -> None:
         self.model = model
-        self.decode_steps = decode_steps  # compiled decode steps (warmed up by the caller)
+        self.step_cache = step_cache  # compiled or captured steps (warmed up by the caller)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = kv_caches[0][0].device
@@ -126,8 +126,10 @@ class ModelRunner:
     def run(self, prepared: PreparedBatch) -> torch.Tensor:
         """Run the model over the batch; return the float32 logits of the sampled rows [N, V]."""
         ids, positions, meta = prepared.input_ids, prepared.positions, prepared.meta
-        steps = self.decode_steps
-        if steps is not None and steps.can_run(ids.shape[0], meta.max_seqlen_q):
+        steps = self.step_cache
+        if steps is not None and steps.can_run(
+            ids.shape[0], meta.seq_lens.shape[0], meta.max_seqlen_q
+        ):
             hidden = steps.run(ids, positions, meta, self.attn)
         else:
             hidden = self.model(ids, positions, self.kv_caches, meta, self.attn)

@@ -27,9 +27,10 @@ from app.chat.detokenizer import Decode
 from app.engine.network.compiled_step import (
     DEFAULT_BUCKETS,
     WARMUP_BUDGET_S,
-    DecodeStepCache,
+    StepCache,
     cuda_graph_capture,
     eager,
+    mixed_buckets,
 )
 from app.engine.network.kv_offload import block_shape
 from app.engine.network.kv_pool import KVPool, bytes_per_block, num_blocks_for_budget
@@ -133,8 +134,8 @@ class LLMEngine:
         goes into the identity that shared KV blocks are named with, with the model's shapes, the
         dtype and the block size. `compile_decode` compiles the decode step for batch sizes up to
         max_num_seqs (network/compiled_step.py); `cuda_graphs` captures it (compiled or eager) as
-        CUDA graphs, None: on a CUDA pool with the Triton backend. Both for up to
-        compile_budget_s here, at construction.
+        CUDA graphs, and steps of short prefills too; None: on a CUDA pool with the Triton
+        backend. Both for up to compile_budget_s here, at construction.
 
         The tiers below the pool (app/engine/runtime/kv_hierarchy.py): host_cache_mb of host
         memory, disk_cache_mb of snapshots in disk_cache_dir (0 or no folder: off). `persist`
@@ -193,7 +194,7 @@ class LLMEngine:
             raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device}")
         if compile_decode or cuda_graphs:
             buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
-            steps = DecodeStepCache(
+            steps = StepCache(
                 model,
                 self.pool.layer_caches,
                 buckets,
@@ -201,9 +202,10 @@ class LLMEngine:
                 capture=cuda_graph_capture() if cuda_graphs else None,
                 attn=self.runner.attn if cuda_graphs else None,
                 max_model_len=self.max_model_len,
+                mixed_buckets=mixed_buckets(max_batch_tokens, max_num_seqs) if cuda_graphs else (),
             )
             steps.warm_up(compile_budget_s)
-            self.runner.decode_steps = steps
+            self.runner.step_cache = steps
         self.scheduler = Scheduler(
             self.kv, max_batch_tokens=max_batch_tokens, max_num_seqs=max_num_seqs
         )

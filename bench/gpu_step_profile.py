@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## {args.turn}-token turns on {len(log)} tokens: TTFT ms {[round(t * 1e3, 2) for t in times]}"
     )
     pstats.Stats(profile).sort_stats("tottime").print_stats(args.top)
+    pstats.Stats(profile).sort_stats("cumulative").print_stats("app/engine|kvcache", args.top)
 
     from app.engine.runtime.types import SamplingParams
 

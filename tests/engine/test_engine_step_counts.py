@@ -164,4 +164,4 @@ def test_a_decode_step_on_cuda_copies_only_through_the_upload_points(monkeypatch
     assert upload_calls(counter) == 8
     # Every host-to-device copy is an upload's non-blocking copy, nothing else crosses.
     assert counter.cross_device == []
-    assert counter.host_to_device == 8, dict(counter.uploads)
+    assert counter.host_to_device == 8, sorted(counter.uploads.items())

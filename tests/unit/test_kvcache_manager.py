@@ -5,6 +5,7 @@ import pytest
 
 from app.engine.runtime.types import MissReason
 from app.kvcache import KVCacheManager, ThreadInFlight
+from app.kvcache.manager import common_prefix_len
 
 
 class FakeClock:
@@ -332,3 +333,16 @@ def test_resident_kv_behind_the_committed_history_is_stale_not_a_hit():
     assert (lookup.num_cached_tokens, lookup.miss_reason) == (5, MissReason.STALE)
     kv.release("a")
     kv.check_integrity()
+
+
+def test_common_prefix_len_matches_a_token_by_token_scan():
+    """The fast path (whole prefixes equal) and the scan after it agree with a plain loop."""
+    rng = random.Random(0)
+    for _ in range(500):
+        a = [rng.randrange(3) for _ in range(rng.randrange(12))]
+        b = a[: rng.randrange(len(a) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(5))]
+        expected = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        assert common_prefix_len(a, b) == expected
+        assert common_prefix_len(tuple(b), a) == expected

@@ -22,6 +22,10 @@ from app.engine.runtime.types import MissReason, SamplingParams
 
 ATOL = 1e-5
 BLOCK_SIZE = 4
+# The device of the module's model. On a GPU machine, KVTHREADS_TEST_DEVICE=cuda runs these tests
+# through the CUDA-only tier path (pinned host buffers, the side stream that copies blocks):
+# `python3 -m pytest --noconftest tests/engine/test_engine_tiers.py` (no web packages needed).
+DEVICE = os.environ.get("KVTHREADS_TEST_DEVICE", "cpu")
 
 
 def greedy(n: int) -> SamplingParams:
@@ -30,7 +34,7 @@ def greedy(n: int) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model(seed=2)
+    return random_model(seed=2).to(DEVICE)
 
 
 def mb(model, num_blocks: int, block_size: int = BLOCK_SIZE) -> float:

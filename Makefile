@@ -66,5 +66,5 @@ bench: setup ## the multi-turn benchmark, cache vs recompute over HTTP (~10 min 
 # Needs only torch (a CUDA build) and triton, so no `setup`: .venv's python when there is one,
 # else python3; GPU_PY=... names another.
 GPU_PY ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
-gpu-check: ## on a GPU, once: kernels, engine on CUDA vs CPU, benchmark tables (~10 min; GPU_ARGS=...)
+gpu-check: ## on a GPU, once: kernels, engine on CUDA (eager and CUDA graphs) vs CPU, target and benchmark tables (~2 min on an H200; GPU_ARGS=...)
 	$(GPU_PY) bench/gpu_suite.py $(GPU_ARGS)

@@ -27,7 +27,12 @@ a GPU session, `make gpu-check`, has to prove):
 - Benchmarks' CUDA events and synchronizes (bench/gpu_check.py, bench/gpu_multiturn.py): their
   logic runs in their CPU modes (tests/unit/test_bench_gpu_multiturn.py,
   tests/unit/test_bench_gpu_suite.py, tests/kernels/test_gpu_suite_script.py).
-- Not yet written (no GPU to prove them): CUDA streams, CUDA graphs of the decode step.
+- CUDA graphs of decode steps and of short mixed steps (network/compiled_step.py, on by default
+  on CUDA): replays equal eager steps on an H200 (tests/engine/test_engine_cuda_graphs.py, run
+  there with `--noconftest`); on the CPU the same static buffers and padding run with a stand-in
+  for the graph (tests/kernels/test_engine_captured_decode.py).
+- The host tier's pinned buffers and copy stream (network/kv_offload.py): the tier tests run on a
+  GPU with KVTHREADS_TEST_DEVICE=cuda (tests/engine/test_engine_tiers.py).
 
 And the other way round, CPU only: prepacked linears and the decode mirror
 (network/attention/decode_mirror.py).

@@ -95,7 +95,7 @@ _current: _StepContext | None = None
 def _step_context(ctx: _StepContext) -> Iterator[None]:
     global _current
     if _current is not None:
-        raise RuntimeError("a compiled decode step is already running")
+        raise RuntimeError("a compiled or captured step is already running")
     _current = ctx
     try:
         yield
@@ -117,7 +117,7 @@ def paged_attention_op(
     running step's backend; the padding rows get zeros. q [T, Hq, D], key/value [T, Hkv, D]."""
     ctx = _current
     if ctx is None:
-        raise RuntimeError("kvthreads::paged_attention runs only inside a compiled decode step")
+        raise RuntimeError("kvthreads::paged_attention runs only inside a compiled or captured step")
     if ctx.attn is None:
         return torch.zeros_like(q)
     n = ctx.num_rows

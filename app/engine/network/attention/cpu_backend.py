@@ -103,9 +103,7 @@ class CPUBackend(AttentionBackend):
         if step is None:
             return padded_decode_attention(q, k_cache, v_cache, blocks, mask, scale)
         if step.refill:
-            k, v = step.refill_layer(
-                layer, gather_padded(k_cache, blocks), gather_padded(v_cache, blocks)
-            )
+            k, v = step.refill_layer(layer, k_cache, v_cache, blocks)
         else:
             k, v = step.append_layer(layer, k_cache, v_cache)
         return decode_attention(q, k, v, mask, scale)

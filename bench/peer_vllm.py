@@ -20,7 +20,10 @@ token counts are printed). Every token decodes to one character, so the reply te
 back re-tokenizes to the very tokens it generated, and both histories grow alike.
 
 Measured per turn (client side): TTFT (request sent -> first token), decode tokens/s
-(output tokens / (total - TTFT)), the cached prompt tokens each server reports. JSON goes to
+(output tokens / (total - TTFT)), the cached prompt tokens each server reports; for kvthreads
+also the engine's own TTFT from its ledger (turn queued in the engine -> first token sampled),
+which tells the engine's part from the HTTP and database path's. Besides turn-20 / turn-5 it
+prints the mean of turns 18-20 over 4-6, less at the mercy of one noisy turn. JSON goes to
 bench/out/peer-vllm-<stamp>.json. Not part of `make test` (it installs ~1 GB and runs minutes).
 """
 
@@ -111,18 +114,32 @@ class PhaseSummary:
     num_turns: int
     errors: int
     wall_s: float
+    # turn -> median engine TTFT (request queued in the engine -> first token sampled), from the
+    # ledger; kvthreads only, filled in by `with_server_ttft`
+    server_ttft_by_turn: dict[int, float] = field(default_factory=dict)
 
     def ttft_ratio(self, late: int, early: int) -> float:
         a, b = self.ttft_by_turn.get(late, math.nan), self.ttft_by_turn.get(early, math.nan)
         return a / b if b and not math.isnan(b) else math.nan
 
+    def ttft_window_ratio(self, late: int, early: int) -> float:
+        """Mean TTFT of turns late-2..late over that of early-1..early+1: the ratio of single
+        turns with less of one turn's noise (on a shared machine one turn can move 50%)."""
+        a = [self.ttft_by_turn.get(t, math.nan) for t in (late - 2, late - 1, late)]
+        b = [self.ttft_by_turn.get(t, math.nan) for t in (early - 1, early, early + 1)]
+        return sum(a) / sum(b) if sum(b) else math.nan
+
+
+def _by_turn(records: list[TurnRecord], get) -> dict[int, float]:
+    turns = sorted({r.turn for r in records})
+    return {t: _median([float(get(r)) for r in records if r.turn == t]) for t in turns}
+
 
 def summarize(server: str, concurrency: int, records: list[TurnRecord], wall_s: float):
     ok = [r for r in records if r.ok]
-    turns = sorted({r.turn for r in ok})
 
     def by_turn(get) -> dict[int, float]:
-        return {t: _median([float(get(r)) for r in ok if r.turn == t]) for t in turns}
+        return _by_turn(ok, get)
 
     output = sum(r.output_tokens for r in ok)
     return PhaseSummary(
@@ -172,6 +189,8 @@ def format_report(summaries: list[PhaseSummary]) -> str:
         header = ["turn"]
         for s in phase:
             header += [f"{s.server} TTFT ms", f"{s.server} prompt", f"{s.server} cached"]
+            if s.server_ttft_by_turn:
+                header.append(f"{s.server} engine TTFT ms")
         rows = []
         for t in turns:
             row = [str(t)]
@@ -181,6 +200,8 @@ def format_report(summaries: list[PhaseSummary]) -> str:
                     _num(s.prompt_by_turn.get(t, math.nan), 0),
                     _num(s.cached_by_turn.get(t, math.nan), 0),
                 ]
+                if s.server_ttft_by_turn:
+                    row.append(_ms(s.server_ttft_by_turn.get(t, math.nan)))
             rows.append(row)
         parts.append(f"TTFT by turn, {concurrency} conversation(s) (median over conversations)")
         parts.append(table(header, rows))
@@ -563,7 +584,24 @@ def _kvthreads_phases(args, folder: Path, stamp: str, log):
             )
         finally:
             instance.stop()
-        return phases, settings
+        return [with_server_ttft(database_url, s, records) for s, records in phases], settings
+
+
+def with_server_ttft(database_url: str, summary: PhaseSummary, records: list[TurnRecord]):
+    """The phase with the engine's own TTFT per turn from the ledger (`server` on each record):
+    what the client's TTFT spends outside the engine is the difference."""
+    from bench.multiturn.ledger import attach_server_timings
+    from bench.multiturn.records import RunResult
+
+    run = RunResult("peer", "cache", summary.concurrency, 0, summary.wall_s, records)
+    asyncio.run(attach_server_timings(database_url, run))
+    summary.server_ttft_by_turn = engine_ttft_by_turn(records)
+    return summary, records
+
+
+def engine_ttft_by_turn(records: list[TurnRecord]) -> dict[int, float]:
+    """turn -> median of the engine's TTFT (`server["ttft_s"]`) over the conversations."""
+    return _by_turn([r for r in records if r.ok], lambda r: r.server.get("ttft_s", math.nan))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,7 +648,13 @@ def main(argv: list[str] | None = None) -> int:
     for s in summaries:
         if s.server == "kvthreads":
             ratio = s.ttft_ratio(20, 5)
-            print(f"kvthreads turn-20 / turn-5 TTFT at {s.concurrency}: {_num(ratio, 2)}")
+            window = s.ttft_window_ratio(20, 5)
+            line = f"kvthreads turn-20 / turn-5 TTFT at {s.concurrency}: {_num(ratio, 2)}"
+            line += f" (turns 18-20 / 4-6: {_num(window, 2)}"
+            engine = s.server_ttft_by_turn
+            if 5 in engine and 20 in engine:
+                line += f"; engine TTFT {_ms(engine[5])} -> {_ms(engine[20])} ms"
+            print(line + ")")
     result["summaries"] = [asdict(s) for s in summaries]
     result["turns"] = {f"{s.server}-{s.concurrency}": [asdict(r) for r in rs] for s, rs in phases}
     path = args.out_dir / f"peer-vllm-{stamp}.json"

@@ -22,10 +22,14 @@ KV head h // (Hq // Hkv) (SDPA's enable_gqa: the KV heads are never repeated in 
 Accumulation is float32 whatever the input dtype.
 
 A sequence whose blocks stand in consecutive pool blocks (a thread that grew alone) is read as a
-view of the pool, not gathered: a short turn on a long history then copies none of it.
+view of the pool, not gathered: a short turn on a long history then copies none of it. A caller
+that attends over the same step in every layer builds the chunks' masks once (`chunk_masks`)
+and passes them in.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +47,30 @@ def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> t
     return blocks.flatten(0, 1)[:seq_len]
 
 
+def chunk_mask(q_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """The additive float32 mask [q_len, seq_len] of a chunk on a cached prefix: query j sees
+    keys up to position seq_len - q_len + j (bottom-right aligned causal), 0 there and -inf past
+    it. None where SDPA needs none: a single query sees every key, and a first prefill (q_len ==
+    seq_len) takes SDPA's own causal mask."""
+    if not 1 < q_len < seq_len:
+        return None
+    qpos = torch.arange(seq_len - q_len, seq_len, device=device).unsqueeze(1)
+    kpos = torch.arange(seq_len, device=device).unsqueeze(0)
+    mask = torch.zeros(q_len, seq_len, dtype=torch.float32, device=device)
+    return mask.masked_fill_(kpos > qpos, float("-inf"))
+
+
+def chunk_masks(
+    cu_seqlens_q: list[int], seq_lens: list[int], device: torch.device
+) -> list[torch.Tensor | None]:
+    """Every sequence's `chunk_mask` for one step: built once, read by every layer (SDPA turns
+    a boolean mask into this float one inside each call otherwise)."""
+    return [
+        chunk_mask(cu_seqlens_q[b + 1] - cu_seqlens_q[b], seq_len, device)
+        for b, seq_len in enumerate(seq_lens)
+    ]
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -51,8 +79,10 @@ def paged_attention_ref(
     cu_seqlens_q: list[int] | torch.Tensor,
     seq_lens: list[int] | torch.Tensor,
     scale: float,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Causal attention of each sequence's new queries over its cached + new keys. Returns [T, Hq, D]."""
+    """Causal attention of each sequence's new queries over its cached + new keys. Returns
+    [T, Hq, D]. `masks`: the step's `chunk_masks` when the caller keeps them across layers."""
     cu = cu_seqlens_q.tolist() if isinstance(cu_seqlens_q, torch.Tensor) else cu_seqlens_q
     lens = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else seq_lens
     num_heads, num_kv_heads = q.shape[1], k_cache.shape[2]
@@ -64,12 +94,7 @@ def paged_attention_ref(
             continue
         k = gather_kv(k_cache, block_tables[b], seq_len)  # [S, Hkv, D]
         v = gather_kv(v_cache, block_tables[b], seq_len)
-        mask = None
-        if 1 < q_len < seq_len:
-            # Query j may see keys up to position seq_len - q_len + j (bottom-right aligned causal).
-            qpos = torch.arange(seq_len - q_len, seq_len, device=q.device).unsqueeze(1)
-            kpos = torch.arange(seq_len, device=q.device).unsqueeze(0)
-            mask = kpos <= qpos  # [q_len, S]
+        mask = chunk_mask(q_len, seq_len, q.device) if masks is None else masks[b]
         # The engine's CPU backend serves prefills with this very loop, so it takes the shapes
         # SDPA's fused CPU kernel takes: 4-D inputs (3-D ones fall back to the unfused path,
         # which materialises every score), and on a first prefill (q_len == seq_len, where

@@ -8,6 +8,16 @@ Blocks are handed out from the head of the free queue and returned to its tail, 
 (and the cached KV it may hold) is reused as late as possible, and tests can predict exact block
 ids. The queue is an OrderedDict: taking a cached block back out of it (`acquire`) is O(1).
 
+A table that grows asks for its blocks `after` its last one: the next block in the pool, when it
+is free and holds no cached KV, continues the table in place (so attention reads the history as
+one view of the pool instead of gathering it in every layer). A block that must start a new run
+skips the `claims` (the room kept after other growing tables, see KVCacheManager) and is the
+first free block in the queue outside them:
+
+    pool:   A A A . . . . B B B . . . . . .     A and B in flight, each claiming 4 blocks after it
+    claims:       [ A's ]       [ B's ]
+    A grows into 3, 4, ...; a new table C starts at 14, the first free block outside both claims
+
 Only full blocks get a hash (`register`); a block with a hash is never written again, which is
 why a thread may share it. A hash names at most one block: a second block computed with the
 same contents stays unregistered (and private to its thread).
@@ -16,7 +26,7 @@ same contents stays unregistered (and private to its thread).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from app.kvcache.block_hash import BlockHash
 
@@ -73,19 +83,51 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> int | None:
         return self._by_hash.get(block_hash)
 
-    def allocate(self, num: int) -> list[int]:
-        """num blocks from the head of the free queue, each with one holder and no hash."""
+    def allocate(
+        self,
+        num: int,
+        *,
+        after: int | None = None,
+        claims: Sequence[tuple[int, int]] = (),
+    ) -> list[int]:
+        """num blocks, each with one holder and no hash. Without `after` and `claims`, from the
+        head of the free queue. With `after` (the last block of the table they extend), each
+        block is the one right after the block before it when that one is free and holds no
+        cached KV; any other block is the first of the free queue outside the `claims`
+        (half-open ranges [start, stop) of block ids), or its head when every free block is
+        claimed."""
         if num > len(self._free):
             raise BlockPoolExhausted(f"asked for {num} blocks, {len(self._free)} free")
         blocks = []
+        prev = after
         for _ in range(num):
-            block_id, _ = self._free.popitem(last=False)
+            nxt = -1 if prev is None else prev + 1
+            if 0 <= nxt < self.num_blocks and nxt in self._free and self._hash[nxt] is None:
+                block_id = nxt
+                del self._free[block_id]
+            elif claims:
+                block_id = self._first_unclaimed(claims)
+                del self._free[block_id]
+            else:
+                block_id, _ = self._free.popitem(last=False)
             if self._hash[block_id] is not None:
                 self.unregister(block_id)
                 self.num_cache_evictions += 1
             self._ref[block_id] = 1
             blocks.append(block_id)
+            prev = block_id
         return blocks
+
+    def _first_unclaimed(self, claims: Sequence[tuple[int, int]]) -> int:
+        """The first free block in queue order outside every claim (the head if none is). The
+        scan ends after as many blocks as the claims cover: past them one must be unclaimed."""
+        limit = sum(stop - start for start, stop in claims) + 1
+        for count, block_id in enumerate(self._free):
+            if not any(start <= block_id < stop for start, stop in claims):
+                return block_id
+            if count >= limit:
+                break
+        return next(iter(self._free))
 
     def acquire(self, block_id: int) -> None:
         """One more holder of a used block, or a cached free block taken back into use."""

@@ -31,6 +31,12 @@ A scope of None keeps a thread out of sharing altogether (no hashes, nothing fou
     thread b:  [ 7 | 2 | 4 ]   a b c d | e f g h | x . . .     7 and 2 held twice, 9 and 4 private
     truncate(b, 6):  [ 7 | 5 ]  block 2 is shared, so its first 2 slots are copied into 5 first
 
+Placement. A thread's table grows into the pool block right after its last one whenever that block
+is free (BlockPool.allocate), so a history usually stands in consecutive blocks and attention reads
+it in place. Threads in a turn grow at once, so each keeps the room after its last block (an equal
+share of the free blocks, at most MAX_CLAIM_BLOCKS): a table that starts elsewhere (a new thread,
+one whose next block is taken) starts past those claims.
+
 A pinned thread is never evicted. Unpinned threads with blocks sit in an LRU (an OrderedDict,
 least recently used first) and are evicted whole when an allocation needs room; evicting one
 frees only the blocks nobody else holds. `drop_blocks` takes a pinned thread's blocks back
@@ -55,6 +61,8 @@ from app.kvcache.prefix_index import match_prefix
 from app.kvcache.stats import KVCacheStats, ThreadCacheState
 
 CopyBlock = Callable[[int, int], None]  # (src, dst): copy one block's KV, all layers
+# Room kept after the last block of each thread in a turn, at most (512 blocks: 8,192 tokens of 16).
+MAX_CLAIM_BLOCKS = 512
 
 
 class ThreadInFlight(RuntimeError):
@@ -127,6 +135,7 @@ class KVCacheManager:
         self._clock = clock
         self._threads: dict[Hashable, ThreadCache] = {}
         self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unpinned, with blocks; LRU first
+        self._in_turn: dict[Hashable, ThreadCache] = {}  # begin_turn .. release: tables that grow
         self._ever_held: set[Hashable] = set()
         self._hits = 0
         self._misses = {reason.value: 0 for reason in MissReason}
@@ -171,6 +180,7 @@ class KVCacheManager:
         else:
             self._lru_remove(entry)
         entry.pinned = True
+        self._in_turn[key] = entry
         root = root_hash(self.identity, scope) if scope is not None and self.residency else None
         if entry.root != root:
             self._truncate(entry, 0)  # KV named under another scope (or none): start over
@@ -247,7 +257,7 @@ class KVCacheManager:
             return True
         if not self._make_room(need):
             return False
-        entry.block_table.extend(self.pool.allocate(need))
+        entry.block_table.extend(self._allocate(entry, need))
         return True
 
     def can_ever_hold(self, num_tokens: int) -> bool:
@@ -297,6 +307,7 @@ class KVCacheManager:
         # Blocks reserved past the recorded tokens (a turn that never reached finish_turn).
         self._truncate(entry, len(entry.token_ids))
         entry.pinned = False
+        self._in_turn.pop(key, None)
         self._index(entry)
         self._park(entry)
 
@@ -352,7 +363,7 @@ class KVCacheManager:
             del self._threads[key]
             self.pool.free(entry.block_table)
             return None
-        fresh = self.pool.allocate(len(missing))
+        fresh = self._allocate(entry, len(missing), [])  # a run of its own, past the claims
         for i, block_id in zip(missing, fresh, strict=True):
             table[i] = block_id
         entry.block_table = [b for b in table if b is not None]
@@ -416,7 +427,7 @@ class KVCacheManager:
             self.pool.acquire(src)  # kept from reuse while a copy is found room for
             was_parked = not source.pinned
             self._lru_remove(source)
-            dst = self._allocate_private()
+            dst = self._allocate_private(entry, entry.block_table)
             if dst is not None:
                 self._copy(src, dst)
                 entry.block_table.append(dst)
@@ -572,6 +583,8 @@ class KVCacheManager:
                     f"block {block_id} is shared but unnamed (writable)"
                 )  # fmt: skip
         assert len(self._lru) == sum(1 for e in self._threads.values() if not e.pinned)
+        for key, entry in self._in_turn.items():
+            assert self._threads.get(key) is entry and entry.pinned, f"{key!r} left its turn"
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -609,7 +622,7 @@ class KVCacheManager:
                 return
             was_parked = entry.key in self._lru
             self._lru_remove(entry)
-            dst = self._allocate_private()
+            dst = self._allocate_private(entry, entry.block_table[:-1])
             if dst is None:
                 self.pool.free([last])
                 del entry.block_table[-1]
@@ -668,7 +681,7 @@ class KVCacheManager:
         self.pool.acquire(src)  # kept from reuse while a copy is found room for
         was_parked = best.key in self._lru
         self._lru_remove(best)
-        dst = self._allocate_private()
+        dst = self._allocate_private(entry, entry.block_table)
         if dst is not None:
             self._copy(src, dst)
             entry.block_table.append(dst)
@@ -700,11 +713,30 @@ class KVCacheManager:
             self.copy_block(src, dst)
         self._block_copies += 1
 
-    def _allocate_private(self) -> int | None:
-        """One fresh block, evicting LRU threads if need be; None if none can be had."""
+    def _allocate_private(self, entry: ThreadCache, before: list[int]) -> int | None:
+        """One fresh block for `entry`, to stand after the blocks `before` it; evicting LRU
+        threads if need be; None if none can be had."""
         if not self._make_room(1):
             return None
-        return self.pool.allocate(1)[0]
+        return self._allocate(entry, 1, before)[0]
+
+    def _allocate(self, entry: ThreadCache, num: int, before: list[int] | None = None) -> list[int]:
+        """num free blocks (room made already) to stand after `before` (the entry's table by
+        default) in the entry's table: right after its last block when they can, else past the
+        room kept for the other threads in a turn (see "Placement" above)."""
+        before = entry.block_table if before is None else before
+        return self.pool.allocate(
+            num, after=before[-1] if before else None, claims=self._claims(entry)
+        )
+
+    def _claims(self, entry: ThreadCache) -> list[tuple[int, int]]:
+        """[start, stop) after the last block of every other thread in a turn: the room each
+        keeps to grow into, an equal share of the free blocks (at most MAX_CLAIM_BLOCKS)."""
+        others = [e for e in self._in_turn.values() if e is not entry and e.block_table]
+        if not others:
+            return []
+        room = min(MAX_CLAIM_BLOCKS, self.pool.num_free // (len(others) + 1))
+        return [(e.block_table[-1] + 1, e.block_table[-1] + 1 + room) for e in others if room]
 
     def _num_evictable(self) -> int:
         """Blocks that evicting every thread in the LRU would free: those no other thread (a

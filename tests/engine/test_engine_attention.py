@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from app.engine.network.attention import create_backend
-from app.engine.network.attention.base import backend_name
+from app.engine.network.attention.base import AttentionMetadata, backend_name
 from app.engine.network.attention.cpu_backend import (
     CPUBackend,
     decode_key_mask,
     padded_decode_attention,
 )
-from kernels.paged_attention_ref import gather_kv, paged_attention_ref
+from kernels.paged_attention_ref import chunk_masks, gather_kv, paged_attention_ref
 
 
 def test_the_backend_is_the_devices_own_unless_one_is_named():
@@ -118,3 +118,38 @@ def test_a_short_turn_on_a_consecutive_history_reads_the_pool_in_place(num_heads
         v = v_cache[blocks].flatten(0, 1)[:seq_len].repeat_interleave(group, dim=1)
         expected = dense_causal_attention(q[cu[b] : cu[b + 1]], k, v, 0.35)
         torch.testing.assert_close(got[cu[b] : cu[b + 1]], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunk_masks_built_once_give_the_same_attention():
+    """The CPU backend builds each chunk's mask once a step (chunk_masks) for every layer: the
+    same result, bit for bit, as the reference building it per call; a fresh prefill and a
+    decode need none."""
+    gen = torch.Generator().manual_seed(9)
+    num_blocks, block_size, num_heads, num_kv_heads, head_dim = 40, 4, 6, 2, 8
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    seq_lens, q_lens = [9, 13, 7], [9, 5, 1]  # fresh, a chunk on 8 cached, a decode
+    block_tables = scattered_block_tables(seq_lens, num_blocks, block_size, gen)
+    cu = [0, 9, 14, 15]
+    q = torch.randn(cu[-1], num_heads, head_dim, generator=gen)
+    masks = chunk_masks(cu, seq_lens, q.device)
+    assert masks[0] is None and masks[2] is None
+    assert masks[1].shape == (5, 13) and masks[1].dtype == torch.float32
+    assert (masks[1] == 0).sum(dim=1).tolist() == [9, 10, 11, 12, 13]  # bottom-right causal
+    want = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3)
+    got = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.3, masks=masks)
+    assert torch.equal(got, want)
+
+    backend = CPUBackend([(k_cache, v_cache)])
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(cu[-1], dtype=torch.int64),
+        block_tables=block_tables.int(),
+        cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+        max_seqlen_q=max(q_lens),
+        max_seqlen_k=max(seq_lens),
+    )
+    backend.prepare(meta, seq_ids=(0, 1, 2), cu_seqlens_q=cu, seq_lens=seq_lens)
+    assert [m is None for m in backend._chunk_masks] == [True, False, True]
+    out = backend.forward(q, k_cache, v_cache, meta, 0.3, layer=0)
+    assert torch.equal(out, want)

@@ -54,6 +54,42 @@ def test_a_batch_over_the_memory_budget_is_not_mirrored(monkeypatch):
     assert plan(mirror, [1, 2], [5, 9]) is not None
 
 
+def test_refills_reuse_their_storage_and_grow_it_by_doubling(monkeypatch):
+    """A refill never allocates per layer: the rows live on storage kept across refills, grown
+    to at least twice its size (within the budget) when a longer history needs more, and the
+    blocks pass through one staging buffer."""
+    monkeypatch.setattr(decode_mirror, "HEADROOM_TOKENS", 4)
+    mirror = DecodeMirror(num_layers=2, max_bytes=1 << 20)
+    cache = torch.randn(8, BLOCK_SIZE, 2, 16)
+    tables = torch.tensor([[3, 4, 0, 1, 2, 3], [5, 6, 7, 2, 1, 0]])
+
+    def refill(seq_lens):
+        step = plan(mirror, [1, 2], seq_lens)
+        assert step.refill
+        blocks = tables[:, : -(-max(seq_lens) // BLOCK_SIZE)]
+        for layer in range(2):
+            keys, values = step.refill_layer(layer, cache, cache, blocks)
+        mirror.commit()
+        return keys
+
+    keys = refill([6, 9])  # capacity 16: 2 rows x 2 heads x 16 x 16 per layer
+    storage = [mirror._storage[layer].data_ptr() for layer in range(2)]
+    staging = mirror._staging.data_ptr()
+    gathered = cache[tables[:, :3]].flatten(1, 2).transpose(1, 2)  # [B, Hkv, M * bs, D]
+    assert torch.equal(keys, gathered[:, :, :9])
+    assert mirror._storage[0].shape == (2, 2 * 2 * 16 * 16)
+    refill([5, 8])  # another batch shape, no larger: the same storage
+    assert [mirror._storage[layer].data_ptr() for layer in range(2)] == storage
+    assert mirror._staging.data_ptr() == staging
+    refill([6, 13])  # capacity 20 outgrows it: twice the old size, not just enough
+    assert mirror._storage[0].shape == (2, 2 * (2 * 2 * 16 * 16))
+    # Within a budget of capacity 24 (2 layers x K, V x 4 bytes), doubling stops at it.
+    mirror = DecodeMirror(num_layers=2, max_bytes=2 * 2 * 4 * (2 * 2 * 24 * 16))
+    refill([6, 9])
+    refill([6, 13])
+    assert mirror._storage[0].shape == (2, 2 * 2 * 24 * 16)
+
+
 def run(model, mirrored: bool, refills: list[bool]):
     """Four requests of different lengths whose chunked prefills interleave their blocks in the
     pool; they finish at different steps, so the decode batch changes several times."""

@@ -350,3 +350,50 @@ def test_stop_tokens_and_stop_strings(model):
     assert final.text == text[:cut]
     assert final.token_ids == free.token_ids[: cut + len(stop)]
     assert "".join(pieces) == final.text
+
+
+def test_concurrent_conversations_keep_their_histories_consecutive(model, monkeypatch):
+    """Four threads decoding side by side, turn after turn: each thread's blocks stay
+    consecutive in the pool (each keeps room after its last block while in a turn), so every
+    later turn's prefill reads its history in place, never a per-layer copy of it; the replies
+    are those of a pool that hands out blocks in queue order (tables interleaved, gathered)."""
+    import kernels.paged_attention_ref as ref
+
+    copies: list[int] = []  # tokens gathered (copied) out of the pool by the per-sequence path
+
+    def gather_kv(cache, block_table, seq_len):
+        kv = original(cache, block_table, seq_len)
+        if kv.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr():
+            copies.append(seq_len)
+        return kv
+
+    original = ref.gather_kv
+    monkeypatch.setattr(ref, "gather_kv", gather_kv)
+
+    def play(engine) -> tuple[list[list[int]], int]:
+        """Every reply, and how many times a thread's table was found not consecutive."""
+        histories: dict[str, list[int]] = {f"t{i}": [] for i in range(4)}
+        replies, scattered = [], 0
+        for turn in range(4):
+            news = {key: random_ids(9, seed=10 * turn + i) for i, key in enumerate(histories)}
+            seq_ids = {
+                key: engine.add_request(key, histories[key], new, greedy(11), first_turn=turn == 0)
+                for key, new in news.items()
+            }
+            finished = run_to_finish(engine, commit=True)
+            for key, seq_id in seq_ids.items():
+                reply = finished[seq_id].token_ids
+                replies.append(reply)
+                histories[key] += news[key] + reply
+                table = engine.kv.peek(key).block_table
+                scattered += table != list(range(table[0], table[0] + len(table)))
+        return replies, scattered
+
+    placed, scattered = play(make_engine(model, num_blocks=256, max_batch_tokens=64))
+    assert scattered == 0 and copies == []
+    queue_order = make_engine(model, num_blocks=256, max_batch_tokens=64)
+    pool = queue_order.kv.pool
+    monkeypatch.setattr(queue_order.kv, "_allocate", lambda entry, num, *_: pool.allocate(num))
+    interleaved, scattered = play(queue_order)
+    assert scattered > 0 and copies  # the same turns with interleaved tables: gathered
+    assert interleaved == placed

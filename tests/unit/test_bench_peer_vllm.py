@@ -10,6 +10,7 @@ from bench.peer_vllm import (
     build_conversations,
     chat_template,
     decode_rate,
+    engine_ttft_by_turn,
     format_report,
     summarize,
 )
@@ -74,3 +75,24 @@ def test_chat_template_is_the_builtin_format():
         add_generation_prompt=True,
     )
     assert text == "<|bos|><|user|>hi<|end|><|assistant|>yo<|end|><|assistant|>"
+
+
+def test_engine_ttft_from_the_ledger_gets_its_own_column_and_a_steadier_ratio():
+    records = [
+        _record(c, t, ttft=0.1 + 0.01 * t, total=1.0 + 0.01 * t, cached=90 * (t > 1))
+        for c in range(2)
+        for t in range(1, 21)
+    ]
+    for r in records:
+        r.server = {"ttft_s": r.ttft_s - 0.005 * (r.conversation + 1)}  # the engine's part
+    records[0].error = "HTTP 500"  # a failed turn has no say
+    s = summarize("kvthreads", 2, records, wall_s=10.0)
+    s.server_ttft_by_turn = engine_ttft_by_turn(records)
+    assert math.isclose(s.server_ttft_by_turn[1], 0.11 - 0.010)  # conversation 1's only
+    assert math.isclose(s.server_ttft_by_turn[5], 0.15 - 0.0075)
+    assert math.isclose(s.ttft_window_ratio(20, 5), (0.28 + 0.29 + 0.30) / (0.14 + 0.15 + 0.16))
+    text = format_report([s, summarize("vllm", 2, records, wall_s=20.0)])
+    header = next(line for line in text.splitlines() if line.startswith("| turn"))
+    assert "kvthreads engine TTFT ms" in header and "vllm engine" not in header
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()]
+    assert ["5", "150", "500", "90", "143", "150", "500", "90"] in cells

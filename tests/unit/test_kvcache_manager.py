@@ -346,3 +346,39 @@ def test_common_prefix_len_matches_a_token_by_token_scan():
         )
         assert common_prefix_len(a, b) == expected
         assert common_prefix_len(tuple(b), a) == expected
+
+
+def test_threads_in_a_turn_grow_in_consecutive_blocks():
+    """Two turns decoding at once keep their tables consecutive: each keeps the room after its
+    last block (an equal share of the free blocks), and a table that starts later starts past
+    every claim."""
+    kv = make(num_blocks=40, block_size=4)
+    a = kv.begin_turn("a", [1] * 8, first_turn=True).block_table
+    assert kv.ensure_blocks("a", 8) and a == [0, 1]
+    b = kv.begin_turn("b", [2] * 8, first_turn=True).block_table
+    assert kv.ensure_blocks("b", 8) and b == [21, 22]  # a keeps 2..20 (38 free // 2 threads)
+    for n in (12, 16, 20):  # a token at a time, turn about
+        assert kv.ensure_blocks("a", n) and kv.ensure_blocks("b", n)
+    assert (a, b) == ([0, 1, 2, 3, 4], [21, 22, 23, 24, 25])
+    c = kv.begin_turn("c", [3] * 4, first_turn=True).block_table
+    assert kv.ensure_blocks("c", 4) and c == [15]  # a keeps 5..14, b 26..35 (30 // 3 each)
+    kv.check_integrity()
+    # A thread out of its turn keeps no room: d may start right after a.
+    kv.finish_turn("a", [1] * 20)
+    kv.release("a")
+    d = kv.begin_turn("d", [4] * 4, first_turn=True).block_table
+    assert kv.ensure_blocks("d", 4) and d == [5]
+    kv.check_integrity()
+
+
+def test_a_turn_after_its_thread_grew_alone_continues_its_table():
+    kv = make(num_blocks=16, block_size=4)
+    run_turn(kv, "a", [1] * 6, [1] * 7, first_turn=True)  # blocks 0 1
+    run_turn(kv, "b", [2] * 6, [2] * 7, first_turn=True)  # blocks 2 3
+    run_turn(kv, "a", [1] * 7 + [5] * 4, [1] * 7 + [5] * 6)  # 13 tokens: block 2 is b's
+    assert kv._threads["a"].block_table == [0, 1, 4, 5]
+    kv.forget("b")  # 2 and 3 free again (the queue: 6 .. 15 2 3)
+    run_turn(kv, "c", [3] * 2, [3] * 2, first_turn=True)  # from the head: 6
+    assert kv._threads["c"].block_table == [6]
+    run_turn(kv, "c", [3] * 2 + [7] * 4, [3] * 2 + [7] * 6)  # 8 tokens: 7 follows 6
+    assert kv._threads["c"].block_table == [6, 7]

@@ -20,7 +20,7 @@ import torch
 
 from app.engine.network.attention.base import AttentionBackend, AttentionMetadata, KVCaches
 from app.engine.network.attention.decode_mirror import DecodeMirror, MirrorStep
-from kernels.paged_attention_ref import paged_attention_ref
+from kernels.paged_attention_ref import chunk_masks, paged_attention_ref
 from kernels.store_kv_ref import store_kv_ref
 
 
@@ -39,6 +39,8 @@ class CPUBackend(AttentionBackend):
         self.mirror_step: MirrorStep | None = None  # a decode step through the mirror
         self._decode_blocks: torch.Tensor | None = None  # [B, M] int64, a decode step
         self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, keys] float32, 0 or -inf
+        # Any other step: each chunk's additive mask, built once for every layer.
+        self._chunk_masks: list[torch.Tensor | None] | None = None
 
     def prepare(
         self,
@@ -49,7 +51,7 @@ class CPUBackend(AttentionBackend):
         seq_lens: list[int],
     ) -> None:
         self._cu_seqlens_q, self._seq_lens = cu_seqlens_q, seq_lens
-        self.mirror_step = self._decode_blocks = self._decode_mask = None
+        self.mirror_step = self._decode_blocks = self._decode_mask = self._chunk_masks = None
         # Decodes only: one padded attention for the batch, unless padding to the longest table
         # would read more than twice the real keys (one long thread among short ones); then the
         # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
@@ -58,6 +60,7 @@ class CPUBackend(AttentionBackend):
         max_blocks = meta.block_tables.shape[1]
         if meta.max_seqlen_q != 1 or len(seq_lens) * max_blocks * bs > 2 * sum(seq_lens):
             self.decode_mirror.reset()
+            self._chunk_masks = chunk_masks(cu_seqlens_q, seq_lens, self._like.device)
             return
         self._decode_blocks = meta.block_tables.long()
         self.mirror_step = self.decode_mirror.begin_step(
@@ -88,14 +91,19 @@ class CPUBackend(AttentionBackend):
         blocks, mask, step = self._decode_blocks, self._decode_mask, self.mirror_step
         if blocks is None or mask is None:  # not a step of decodes
             return paged_attention_ref(
-                q, k_cache, v_cache, meta.block_tables, self._cu_seqlens_q, self._seq_lens, scale
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables,
+                self._cu_seqlens_q,
+                self._seq_lens,
+                scale,
+                masks=self._chunk_masks,
             )
         if step is None:
             return padded_decode_attention(q, k_cache, v_cache, blocks, mask, scale)
         if step.refill:
-            k, v = step.refill_layer(
-                layer, gather_padded(k_cache, blocks), gather_padded(v_cache, blocks)
-            )
+            k, v = step.refill_layer(layer, k_cache, v_cache, blocks)
         else:
             k, v = step.append_layer(layer, k_cache, v_cache)
         return decode_attention(q, k, v, mask, scale)

@@ -117,7 +117,9 @@ def paged_attention_op(
     running step's backend; the padding rows get zeros. q [T, Hq, D], key/value [T, Hkv, D]."""
     ctx = _current
     if ctx is None:
-        raise RuntimeError("kvthreads::paged_attention runs only inside a compiled or captured step")
+        raise RuntimeError(
+            "kvthreads::paged_attention runs only inside a compiled or captured step"
+        )
     if ctx.attn is None:
         return torch.zeros_like(q)
     n = ctx.num_rows

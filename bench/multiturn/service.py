@@ -57,6 +57,15 @@ def base_environment(database_url: str) -> dict[str, str]:
     return env
 
 
+def apply_environment(env: dict[str, str], changes: dict[str, str | None]) -> None:
+    """Set the variables of `changes` in `env`, removing those it maps to None."""
+    for name, value in changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+
+
 def prepare_database(database_url: str) -> str:
     """Migrate the database and make the benchmark's account; returns its API key."""
     env = base_environment(database_url)
@@ -92,7 +101,7 @@ class ServiceInstance:
     """One `python -m app serve` process with its own settings and log file."""
 
     name: str  # e.g. "cache" or "recompute-pressure"
-    settings: dict[str, str]  # KVTHREADS_* variables for this instance
+    settings: dict[str, str | None]  # KVTHREADS_* variables for this instance; None: unset
     database_url: str
     log_path: Path
     port: int = 0
@@ -107,7 +116,7 @@ class ServiceInstance:
             raise LaunchError(f"instance {self.name} is already started")
         self.port = self.port or free_port()
         env = base_environment(self.database_url)
-        env.update(self.settings)
+        apply_environment(env, self.settings)
         env.update(KVTHREADS_HOST="127.0.0.1", KVTHREADS_PORT=str(self.port))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as log:

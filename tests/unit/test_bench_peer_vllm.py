@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from bench.multiturn.records import TurnRecord
+from bench.multiturn.service import apply_environment
 from bench.multiturn.workloads import user_text
 from bench.peer_vllm import (
     build_conversations,
@@ -13,6 +14,7 @@ from bench.peer_vllm import (
     engine_ttft_by_turn,
     format_report,
     summarize,
+    thread_environment,
 )
 
 
@@ -96,3 +98,11 @@ def test_engine_ttft_from_the_ledger_gets_its_own_column_and_a_steadier_ratio():
     assert "kvthreads engine TTFT ms" in header and "vllm engine" not in header
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()]
     assert ["5", "150", "500", "90", "143", "150", "500", "90"] in cells
+
+
+def test_both_servers_get_one_wait_policy_or_none():
+    env = {"OMP_WAIT_POLICY": "PASSIVE", "PATH": "/bin"}
+    apply_environment(env, thread_environment(2, "default"))
+    assert env == {"OMP_NUM_THREADS": "2", "PATH": "/bin"}  # each runtime's own
+    apply_environment(env, thread_environment(3, "ACTIVE"))
+    assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}

@@ -18,7 +18,11 @@ def run_server(settings: Settings) -> int:
 
     from app.asgi import create_app
     from app.engine.loading.hf_config import ModelLoadError
-    from app.threads.runtime_factory import EXIT_DEVICE_FAULT, build_runtime, device_fault
+    from app.threads.runtime_factory import (
+        EXIT_DEVICE_FAULT,
+        build_runtime_in_own_thread,
+        device_fault,
+    )
 
     check_database(settings, migrated=True)
     logging.basicConfig(
@@ -27,7 +31,7 @@ def run_server(settings: Settings) -> int:
     # The model loads (and its kernels warm up) before the port opens, so that a model the
     # engine cannot serve stops the command with one line instead of a failed ASGI startup.
     try:
-        runtime = build_runtime(settings)
+        runtime = build_runtime_in_own_thread(settings)
     except ModelLoadError as exc:
         raise CliError(f"cannot serve {settings.model}: {exc}", exit_code=2) from None
     try:

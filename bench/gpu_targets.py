@@ -210,15 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         results["decode"].append(r)
         kind = "CUDA graphs" if r["replayed"] and graphs else "eager"
-        rows.append({
+        share = r["bytes_per_s"] / ceiling
+        rows.append(
+            {
                 "batch": batch,
                 "decode step": ("compiled, " if compiled else "") + kind,
                 "step ms": f"{r['step_s'] * 1e3:.3f}",
                 "forward ms": f"{r['forward_s'] * 1e3:.3f}",
                 "tokens/s": f"{r['tok_s']:.0f}",
                 "bytes read / step time": f"{r['bytes_per_s'] / 1e12:.2f} TB/s "
-                                          f"({r['bytes_per_s'] / ceiling:.0%} of the copy)",
-            })  # fmt: skip
+                f"({share:.0%} of the copy)",
+            }
+        )
     print_table(f"Decode from {prompt}-token prompts, engine steps (median of {steps})", rows)
 
     t = cached_turn(model, history, turn, repeats)

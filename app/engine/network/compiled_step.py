@@ -64,14 +64,18 @@ WARMUP_BUDGET_S = 300.0  # build buckets, smallest first, until this much time h
 MIXED_TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
+def decode_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes to build for an engine of max_num_seqs: the defaults below it, then itself."""
+    return [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
+
+
 def mixed_buckets(max_batch_tokens: int, max_num_seqs: int) -> list[tuple[int, int]]:
     """(tokens, sequences) shapes to capture for an engine's step limits."""
-    seq_buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
     return [
         (tokens, seqs)
         for tokens in MIXED_TOKEN_BUCKETS
         if tokens <= max_batch_tokens
-        for seqs in seq_buckets
+        for seqs in decode_buckets(max_num_seqs)
         if seqs <= tokens
     ]
 

@@ -25,10 +25,10 @@ import torch
 
 from app.chat.detokenizer import Decode
 from app.engine.network.compiled_step import (
-    DEFAULT_BUCKETS,
     WARMUP_BUDGET_S,
     StepCache,
     cuda_graph_capture,
+    decode_buckets,
     eager,
     mixed_buckets,
 )
@@ -193,11 +193,10 @@ class LLMEngine:
         elif cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a model on a CUDA device, not {self.device}")
         if compile_decode or cuda_graphs:
-            buckets = [b for b in DEFAULT_BUCKETS if b < max_num_seqs] + [max_num_seqs]
             steps = StepCache(
                 model,
                 self.pool.layer_caches,
-                buckets,
+                decode_buckets(max_num_seqs),
                 compile_fn=None if compile_decode else eager,
                 capture=cuda_graph_capture() if cuda_graphs else None,
                 attn=self.runner.attn if cuda_graphs else None,

@@ -10,6 +10,7 @@ report counts these turns exactly as their usage said.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import openai
@@ -17,6 +18,7 @@ import pytest
 from sqlalchemy import func, select
 
 from app.db import models
+from app.threads.service import ThreadService
 from tests.e2e.fake_engine import FakeEngine, fake_runtime
 
 ENGINE = {"model": "builtin-tiny-random", "device": "cpu", "kv_cache_mb": 4}
@@ -488,3 +490,37 @@ async def test_a_stream_that_fails_ends_with_error_events(open_live, new_key, db
     async with db_sessions() as session:  # nothing billed, no thread made for them is left
         assert await session.scalar(select(func.count()).select_from(models.UsageRecord)) == 0
         assert await session.scalar(select(func.count()).select_from(models.Thread)) == 0
+
+
+@pytest.mark.parametrize("route", ["chat", "response"])
+async def test_a_stream_ends_once_its_ephemeral_thread_is_gone(
+    open_live, new_key, db_sessions, monkeypatch, route
+):
+    """The last events go out after the turn is closed: a slow delete of the call's ephemeral
+    thread is waited for, so a client acting on the end of the stream never finds it."""
+    delete = ThreadService.delete
+
+    async def slow_delete(self, *args, **kwargs):
+        await asyncio.sleep(0.3)
+        return await delete(self, *args, **kwargs)
+
+    monkeypatch.setattr(ThreadService, "delete", slow_delete)
+    http = await open_live(fake_runtime(FakeEngine()))
+    client = sdk(http, await new_key())
+
+    async def threads() -> int:
+        async with db_sessions() as session:
+            return await session.scalar(select(func.count()).select_from(models.Thread))
+
+    before = await threads()
+    if route == "chat":
+        stream = await client.chat.completions.create(
+            model="fake-engine", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+    else:
+        stream = await client.responses.create(
+            model="fake-engine", input="hi", stream=True, store=False
+        )
+    async for _ in stream:
+        pass
+    assert await threads() == before

@@ -40,7 +40,8 @@ import torch
 from app.engine.loading.loader import resolve_model
 from app.engine.runtime.async_engine import AsyncLLMEngine
 from app.engine.runtime.llm_engine import LLMEngine
-from app.engine.runtime.types import FinishEvent, SamplingParams
+from app.engine.runtime.types import SamplingParams
+from bench.engine_turns import drain_timed
 
 OUT = Path(__file__).parent / "out" / "shared_prefix.json"
 OUT_HTTP = Path(__file__).parent / "out" / "shared_prefix_http.json"
@@ -55,13 +56,7 @@ async def turn(bridge, key, history, new, reply_tokens, *, scope, first_turn) ->
     params = SamplingParams(max_tokens=reply_tokens, temperature=0.0, ignore_eos=True)
     start = time.perf_counter()
     stream = bridge.generate(key, history, new, params, first_turn=first_turn, share_scope=scope)
-    ttft = None
-    finish: FinishEvent | None = None
-    async for event in stream:
-        if ttft is None:
-            ttft = time.perf_counter() - start
-        if isinstance(event, FinishEvent):
-            finish = event
+    ttft, finish = await drain_timed(stream, start)
     total = time.perf_counter() - start
     bridge.commit_turn(key)
     assert finish is not None

@@ -33,7 +33,8 @@ import torch
 from app.engine.loading.loader import resolve_model
 from app.engine.runtime.async_engine import AsyncLLMEngine
 from app.engine.runtime.llm_engine import LLMEngine
-from app.engine.runtime.types import FinishEvent, SamplingParams
+from app.engine.runtime.types import SamplingParams
+from bench.engine_turns import drain_timed
 
 MODEL_NAME = "builtin-bench-random"
 OUT = Path(__file__).parent / "out" / "ttft_cache.json"
@@ -53,13 +54,7 @@ async def play(
             await asyncio.to_thread(bridge.engine.flush_disk)  # the snapshot is on disk
         start = time.perf_counter()
         stream = bridge.generate("conversation", history, new, params, first_turn=n == 1)
-        ttft = None
-        finish: FinishEvent | None = None
-        async for event in stream:
-            if ttft is None:
-                ttft = time.perf_counter() - start
-            if isinstance(event, FinishEvent):
-                finish = event
+        ttft, finish = await drain_timed(stream, start)
         bridge.commit_turn("conversation")
         turns.append(
             {

@@ -34,6 +34,7 @@ a GPU session, `make gpu-check`, has to prove):
 - The host tier's pinned buffers and copy stream (network/kv_offload.py): the tier tests run on a
   GPU with KVTHREADS_TEST_DEVICE=cuda (tests/engine/test_engine_tiers.py).
 
-And the other way round, CPU only: prepacked linears and the decode mirror
-(network/attention/decode_mirror.py).
+And the other way round, CPU only: prepacked linears, the thread mirror and its attention
+(network/attention/thread_mirror.py, row_attention.py), the allocator's thresholds
+(network/host_memory.py).
 """

@@ -21,6 +21,10 @@ first free block in the queue outside them:
 Only full blocks get a hash (`register`); a block with a hash is never written again, which is
 why a thread may share it. A hash names at most one block: a second block computed with the
 same contents stays unregistered (and private to its thread).
+
+Every allocation bumps the block's generation (`generations`): the KV a block held stays the same
+as long as its id and generation do (its holder only ever writes past what it had computed), so a
+copy of it kept elsewhere (the CPU attention's mirror) can tell whether it is still current.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class BlockPool:
         self._ref = [0] * num_blocks
         self._hash: list[BlockHash | None] = [None] * num_blocks
         self._by_hash: dict[BlockHash, int] = {}
+        self.generations = [0] * num_blocks  # per block: allocations so far (read, not written)
         self.num_cache_evictions = 0  # cached free blocks reused for other KV
 
     @property
@@ -114,6 +119,7 @@ class BlockPool:
                 self.unregister(block_id)
                 self.num_cache_evictions += 1
             self._ref[block_id] = 1
+            self.generations[block_id] += 1
             blocks.append(block_id)
             prev = block_id
         return blocks

@@ -354,21 +354,22 @@ def test_stop_tokens_and_stop_strings(model):
 
 def test_concurrent_conversations_keep_their_histories_consecutive(model, monkeypatch):
     """Four threads decoding side by side, turn after turn: each thread's blocks stay
-    consecutive in the pool (each keeps room after its last block while in a turn), so every
-    later turn's prefill reads its history in place, never a per-layer copy of it; the replies
-    are those of a pool that hands out blocks in queue order (tables interleaved, gathered)."""
-    import kernels.paged_attention_ref as ref
+    consecutive in the pool (each keeps room after its last block while in a turn), and the CPU
+    attention's mirror copies each step's new tokens out of the pool and never a thread's
+    history again, whatever the placement; the replies are those of a pool that hands out blocks
+    in queue order (tables interleaved)."""
+    from app.engine.network.attention.thread_mirror import ThreadMirror
 
-    copies: list[int] = []  # tokens gathered (copied) out of the pool by the per-sequence path
+    copied: list[tuple[int, int]] = []  # per step: positions copied into the mirror, new tokens
 
-    def gather_kv(cache, block_table, seq_len):
-        kv = original(cache, block_table, seq_len)
-        if kv.untyped_storage().data_ptr() != cache.untyped_storage().data_ptr():
-            copies.append(seq_len)
-        return kv
+    def begin_step(self, thread_keys, tables, cached_lens, seq_lens, *args):
+        step = original(self, thread_keys, tables, cached_lens, seq_lens, *args)
+        new_tokens = sum(end - start for start, end in zip(cached_lens, seq_lens, strict=True))
+        copied.append((step.copy_slots.numel(), new_tokens))
+        return step
 
-    original = ref.gather_kv
-    monkeypatch.setattr(ref, "gather_kv", gather_kv)
+    original = ThreadMirror.begin_step
+    monkeypatch.setattr(ThreadMirror, "begin_step", begin_step)
 
     def play(engine) -> tuple[list[list[int]], int]:
         """Every reply, and how many times a thread's table was found not consecutive."""
@@ -390,10 +391,13 @@ def test_concurrent_conversations_keep_their_histories_consecutive(model, monkey
         return replies, scattered
 
     placed, scattered = play(make_engine(model, num_blocks=256, max_batch_tokens=64))
-    assert scattered == 0 and copies == []
+    assert scattered == 0
+    assert copied and all(num == new for num, new in copied)  # only the new tokens, every step
+    copied.clear()
     queue_order = make_engine(model, num_blocks=256, max_batch_tokens=64)
     pool = queue_order.kv.pool
     monkeypatch.setattr(queue_order.kv, "_allocate", lambda entry, num, *_: pool.allocate(num))
     interleaved, scattered = play(queue_order)
-    assert scattered > 0 and copies  # the same turns with interleaved tables: gathered
+    assert scattered > 0
+    assert copied and all(num == new for num, new in copied)
     assert interleaved == placed

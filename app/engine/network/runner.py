@@ -14,13 +14,15 @@ sequence and receives only the blocks each step reaches for the first time (bloc
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from app.engine.network.attention import AttentionMetadata, create_backend
+from app.engine.network.attention import AttentionMetadata, StepOwners, create_backend
 from app.engine.network.block_table import DeviceBlockTable
 from app.engine.network.compiled_step import StepCache
+from app.engine.network.host_memory import keep_freed_memory
 from app.engine.network.model import CausalLM
 from app.engine.runtime.scheduler import ScheduledBatch
 
@@ -43,14 +45,19 @@ class ModelRunner:
         *,
         attention_backend: str | None = None,
         step_cache: StepCache | None = None,
+        block_generations: Sequence[int] | None = None,
     ) -> None:
         self.model = model
+        # The KV manager's per-block allocation counts (BlockPool.generations): with them the
+        # backend is told whose KV each sequence is and may keep copies of it across steps.
+        self.block_generations = block_generations
         self.step_cache = step_cache  # compiled or captured steps (warmed up by the caller)
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.device = kv_caches[0][0].device
         self._is_cuda = self.device.type == "cuda"
         if not self._is_cuda:
+            keep_freed_memory()  # a step's big tensors reuse freed memory, not fresh pages
             # Use every core this process may run on (torch may default to fewer).
             available = len(os.sched_getaffinity(0))
             if torch.get_num_threads() < available:
@@ -108,11 +115,19 @@ class ModelRunner:
             max_seqlen_q=max(batch.num_new_tokens),
             max_seqlen_k=max(seq_lens),
         )
+        owners = None
+        if self.block_generations is not None:
+            owners = StepOwners(
+                thread_keys=tuple(seq.thread_key for seq in batch.seqs),
+                block_tables=tables,
+                block_generations=self.block_generations,
+            )
         self.attn.prepare(
             meta,
             seq_ids=tuple(seq.seq_id for seq in batch.seqs),
             cu_seqlens_q=cu_seqlens_q,
             seq_lens=seq_lens,
+            owners=owners,
         )
         return PreparedBatch(
             input_ids=self._tensor(input_ids, torch.int64),

@@ -186,7 +186,11 @@ class LLMEngine:
             disk_blocks=disk_blocks if disk is not None else 0,
         )
         self.runner = ModelRunner(
-            model, self.pool.layer_caches, block_size, attention_backend=attention_backend
+            model,
+            self.pool.layer_caches,
+            block_size,
+            attention_backend=attention_backend,
+            block_generations=self.kv.pool.generations,
         )
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and self.runner.attn.reads_metadata_only

@@ -3,7 +3,8 @@
 from app.engine.network.attention.base import (
     AttentionBackend,
     AttentionMetadata,
+    StepOwners,
     create_backend,
 )
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "create_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "StepOwners", "create_backend"]

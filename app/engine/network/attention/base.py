@@ -7,7 +7,7 @@ once the forward pass has finished, the runner calls `finish_step`.
 
     attn = create_backend(kv_caches)            # by the pool's device: cuda -> Triton, else torch
     attn = create_backend(kv_caches, "triton")  # by name (on a CPU pool: Triton's interpreter)
-    attn.prepare(meta, seq_ids=..., cu_seqlens_q=[...], seq_lens=[...])
+    attn.prepare(meta, seq_ids=..., cu_seqlens_q=[...], seq_lens=[...], owners=StepOwners(...))
     hidden = model(input_ids, positions, kv_caches, meta, attn)
     attn.finish_step()
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +40,16 @@ class AttentionMetadata:
     replayed: bool = False
 
 
+@dataclass(frozen=True)
+class StepOwners:
+    """Whose KV a step's sequences are, for a backend that keeps copies of it across steps (the
+    CPU backend's mirror): on the host, per sequence of the step."""
+
+    thread_keys: tuple[Hashable, ...]  # the thread each sequence continues
+    block_tables: Sequence[list[int]]  # its pool blocks (the KV manager's lists; read only)
+    block_generations: Sequence[int]  # per pool block, its allocations (BlockPool.generations)
+
+
 class AttentionBackend(ABC):
     """One device's attention: stores the step's keys/values in the pool and attends over it."""
 
@@ -55,9 +65,11 @@ class AttentionBackend(ABC):
         seq_ids: tuple[int, ...],
         cu_seqlens_q: list[int],
         seq_lens: list[int],
+        owners: StepOwners | None = None,
     ) -> None:
         """Called once a step before the forward pass: `meta` and its values on the host (the
-        batch's sequence ids, query offsets and KV lengths), for the extras a backend keeps."""
+        batch's sequence ids, query offsets and KV lengths), for the extras a backend keeps;
+        `owners` where the caller knows the sequences' threads and blocks (the engine)."""
 
     @abstractmethod
     def store_kv(

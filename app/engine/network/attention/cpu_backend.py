@@ -1,15 +1,16 @@
 """The pure-torch backend: the CPU (and any device without a backend of its own).
 
 Stores with kernels/store_kv_ref.py. Attends, per step, by one of three paths, chosen in
-`prepare` (the decode policy):
+`prepare`:
 
-    a step of decodes (one query per sequence), padded to the longest table no more than twice
-    the real keys:
-        the decode mirror (decode_mirror.py): the batch's keys kept contiguous across steps,
-        appended to, refilled when the batch changes          -> decode_attention
-        or, past the mirror's memory budget, every sequence's blocks gathered and padded
-                                                               -> padded_decode_attention
-    anything else (prefills, chunks, a long thread among short ones, where padding reads more):
+    the engine's steps (it says whose KV each sequence is, `owners`), within the mirror's memory:
+        the thread mirror (thread_mirror.py) brings every row of the step up to date, copying
+        only what it lacks (the step's new tokens, for a thread it already holds), then
+            a step of decodes: one batched product over the rows   -> decode_attention
+            any other step: per sequence, over its head-major row  -> row_attention.py
+    a step of decodes otherwise, padded to the longest table no more than twice the real keys:
+        every sequence's blocks gathered and padded                -> padded_decode_attention
+    anything else (and callers that do not say whose the KV is):
         kernels/paged_attention_ref.py's loop over sequences itself, whose shapes are already
         those SDPA's fused CPU kernel takes
 """
@@ -18,28 +19,39 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.network.attention.base import AttentionBackend, AttentionMetadata, KVCaches
-from app.engine.network.attention.decode_mirror import DecodeMirror, MirrorStep
+from app.engine.network.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    KVCaches,
+    StepOwners,
+)
+from app.engine.network.attention.row_attention import row_attention, row_attention_mask
+from app.engine.network.attention.thread_mirror import MirrorStep, ThreadMirror
 from kernels.paged_attention_ref import chunk_masks, paged_attention_ref
 from kernels.store_kv_ref import store_kv_ref
 
 
 class CPUBackend(AttentionBackend):
-    """Keeps the step's host lists and decode extras, and the decode mirror across steps."""
+    """Keeps the step's host lists and extras, and the thread mirror across steps."""
 
     def __init__(self, kv_caches: KVCaches) -> None:
         self._like = kv_caches[0][0]  # a layer's cache: dtype, device, block size, Hkv, D
         self.block_size = self._like.shape[1]
-        # At most the pool's own size: the decode batch's keys, padded, plus headroom.
+        # At most the pool's own size: the running threads' keys, with headroom.
         pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
-        self.decode_mirror = DecodeMirror(len(kv_caches), max_bytes=pool_bytes)
-        # This step's: the metadata's values on the host, and the decode path's extras.
+        self.mirror = ThreadMirror(len(kv_caches), max_bytes=pool_bytes)
+        # This step's: the metadata's values on the host, and the chosen path's extras.
         self._cu_seqlens_q: list[int] = [0]
         self._seq_lens: list[int] = []
-        self.mirror_step: MirrorStep | None = None  # a decode step through the mirror
-        self._decode_blocks: torch.Tensor | None = None  # [B, M] int64, a decode step
-        self._decode_mask: torch.Tensor | None = None  # [B, 1, 1, keys] float32, 0 or -inf
-        # Any other step: each chunk's additive mask, built once for every layer.
+        self.mirror_step: MirrorStep | None = None  # a step through the mirror
+        self._row_index: torch.Tensor | None = None  # [B] int64, each sequence's row
+        self._num_keys = 0  # a decode step through the mirror: keys read per row
+        # A chunk step: per sequence, its row_attention_mask (built by the first layer, which
+        # knows the query heads).
+        self._row_masks: list[torch.Tensor | None] | None = None
+        self._decode_blocks: torch.Tensor | None = None  # [B, M] int64, a gathered decode step
+        self._decode_mask: torch.Tensor | None = None  # [rows, 1, 1, keys] float32, 0 or -inf
+        # A step through the pool's own loop: each chunk's additive mask, built once.
         self._chunk_masks: list[torch.Tensor | None] | None = None
 
     def prepare(
@@ -49,25 +61,55 @@ class CPUBackend(AttentionBackend):
         seq_ids: tuple[int, ...],
         cu_seqlens_q: list[int],
         seq_lens: list[int],
+        owners: StepOwners | None = None,
     ) -> None:
         self._cu_seqlens_q, self._seq_lens = cu_seqlens_q, seq_lens
-        self.mirror_step = self._decode_blocks = self._decode_mask = self._chunk_masks = None
+        self.mirror_step = self._row_index = self._decode_blocks = self._decode_mask = None
+        self._chunk_masks = self._row_masks = None
+        decodes_only = meta.max_seqlen_q == 1
+        if owners is not None and self._prepare_mirror(owners, decodes_only):
+            return
         # Decodes only: one padded attention for the batch, unless padding to the longest table
         # would read more than twice the real keys (one long thread among short ones); then the
-        # per-sequence loop reads less memory. The mirror keeps the padded keys from step to
-        # step; past its memory budget they are gathered from the pool every step.
+        # per-sequence loop reads less memory.
         bs = self.block_size
         max_blocks = meta.block_tables.shape[1]
-        if meta.max_seqlen_q != 1 or len(seq_lens) * max_blocks * bs > 2 * sum(seq_lens):
-            self.decode_mirror.reset()
+        if not decodes_only or len(seq_lens) * max_blocks * bs > 2 * sum(seq_lens):
             self._chunk_masks = chunk_masks(cu_seqlens_q, seq_lens, self._like.device)
             return
         self._decode_blocks = meta.block_tables.long()
-        self.mirror_step = self.decode_mirror.begin_step(
-            seq_ids, seq_lens, meta.slot_mapping, bs, self._like
+        self._decode_mask = decode_key_mask(meta.seq_lens, max_blocks * bs)
+
+    def _prepare_mirror(self, owners: StepOwners, decodes_only: bool) -> bool:
+        """Plan the step through the mirror; False when it does not fit there."""
+        cu, lens = self._cu_seqlens_q, self._seq_lens
+        cached = [lens[b] - (cu[b + 1] - cu[b]) for b in range(len(lens))]
+        step = self.mirror.begin_step(
+            owners.thread_keys,
+            owners.block_tables,
+            cached,
+            lens,
+            self.block_size,
+            owners.block_generations,
+            self._like,
         )
-        num_keys = max_blocks * bs if self.mirror_step is None else self.mirror_step.num_keys
-        self._decode_mask = decode_key_mask(meta.seq_lens, num_keys)
+        if step is None:
+            return False
+        self.mirror_step = step
+        device = self._like.device
+        if decodes_only:
+            # Rows of threads not in the step (between the step's rows) see one key, and their
+            # output is dropped: a softmax over no key at all would be NaN.
+            row_lens = [1] * step.num_rows
+            for row, seq_len in zip(step.rows, lens, strict=True):
+                row_lens[row] = seq_len
+            self._num_keys = max(lens)
+            self._decode_mask = decode_key_mask(
+                torch.tensor(row_lens, dtype=torch.int64, device=device), self._num_keys
+            )
+            if not step.identity:
+                self._row_index = torch.tensor(step.rows, dtype=torch.int64, device=device)
+        return True
 
     def store_kv(
         self,
@@ -88,34 +130,85 @@ class CPUBackend(AttentionBackend):
         scale: float,
         layer: int,
     ) -> torch.Tensor:
-        blocks, mask, step = self._decode_blocks, self._decode_mask, self.mirror_step
-        if blocks is None or mask is None:  # not a step of decodes
-            return paged_attention_ref(
-                q,
-                k_cache,
-                v_cache,
-                meta.block_tables,
-                self._cu_seqlens_q,
-                self._seq_lens,
-                scale,
-                masks=self._chunk_masks,
+        step = self.mirror_step
+        if step is not None:
+            keys, values = step.sync_layer(layer, k_cache, v_cache)  # [R, Hkv, capacity, D]
+            if self._decode_mask is not None:
+                return self._mirror_decodes(q, keys, values, scale)
+            return self._mirror_chunks(q, keys, values, scale)
+        if self._decode_blocks is not None and self._decode_mask is not None:
+            return padded_decode_attention(
+                q, k_cache, v_cache, self._decode_blocks, self._decode_mask, scale
             )
-        if step is None:
-            return padded_decode_attention(q, k_cache, v_cache, blocks, mask, scale)
-        if step.refill:
-            k, v = step.refill_layer(layer, k_cache, v_cache, blocks)
-        else:
-            k, v = step.append_layer(layer, k_cache, v_cache)
-        return decode_attention(q, k, v, mask, scale)
+        return paged_attention_ref(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            self._cu_seqlens_q,
+            self._seq_lens,
+            scale,
+            masks=self._chunk_masks,
+        )
+
+    def _mirror_decodes(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """A step of decodes over the mirror's rows [0, num_rows): one batched product. Rows in
+        the step's order are read as they stand; otherwise the queries go to their rows (other
+        threads' rows between them get zero queries) and the outputs come back."""
+        assert self.mirror_step is not None and self._decode_mask is not None
+        num_rows, num_keys = self.mirror_step.num_rows, self._num_keys
+        k = keys[:num_rows, :, :num_keys]
+        v = values[:num_rows, :, :num_keys]
+        if self._row_index is None:
+            return decode_attention(q, k, v, self._decode_mask, scale)
+        by_row = q.new_zeros(num_rows, *q.shape[1:])
+        by_row.index_copy_(0, self._row_index, q)
+        out = decode_attention(by_row, k, v, self._decode_mask, scale)
+        return out.index_select(0, self._row_index)
+
+    def _mirror_chunks(
+        self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Any other step: each sequence's queries over its own row."""
+        assert self.mirror_step is not None
+        cu = self._cu_seqlens_q
+        if self._row_masks is None:
+            self._row_masks = self._build_row_masks(q.shape[1] // keys.shape[1], q.device)
+        out = torch.empty_like(q)
+        for b, (row, seq_len) in enumerate(zip(self.mirror_step.rows, self._seq_lens, strict=True)):
+            start, end = cu[b], cu[b + 1]
+            if start == end:
+                continue
+            out[start:end] = row_attention(
+                q[start:end],
+                keys[row, :, :seq_len],
+                values[row, :, :seq_len],
+                scale,
+                self._row_masks[b],
+            )
+        return out
+
+    def _build_row_masks(self, group: int, device: torch.device) -> list[torch.Tensor | None]:
+        """Every sequence's row_attention_mask for this step, one per distinct shape."""
+        cu, built = self._cu_seqlens_q, {}
+        masks = []
+        for b, seq_len in enumerate(self._seq_lens):
+            shape = (cu[b + 1] - cu[b], seq_len)
+            if shape not in built:
+                built[shape] = row_attention_mask(*shape, group, device)
+            masks.append(built[shape])
+        return masks
 
     def finish_step(self) -> None:
         if self.mirror_step is not None:
-            self.decode_mirror.commit()
+            self.mirror.commit()
 
 
 def decode_key_mask(seq_lens: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[B, 1, 1, num_keys] additive float32 mask for padded_decode_attention: 0 for the keys below
-    each sequence's length, -inf past it. Built once a step and added in every layer."""
+    """[B, 1, 1, num_keys] additive float32 mask for decode_attention: 0 for the keys below each
+    sequence's (or row's) length, -inf past it. Built once a step and added in every layer."""
     past_end = torch.arange(num_keys, device=seq_lens.device) >= seq_lens.unsqueeze(1)  # [B, K]
     mask = torch.zeros(past_end.shape, dtype=torch.float32, device=seq_lens.device)
     return mask.masked_fill_(past_end, float("-inf"))[:, None, None, :]
@@ -161,7 +254,7 @@ def decode_attention(
     _, num_kv_heads, num_keys, _ = k.shape
     rows, group = batch * num_kv_heads, num_heads // num_kv_heads
     qg = q.reshape(rows, group, head_dim).float() * scale
-    k = k.reshape(rows, num_keys, head_dim).float()  # views of the decode mirror's buffers
+    k = k.reshape(rows, num_keys, head_dim).float()  # views of the mirror's rows (or a gather)
     v = v.reshape(rows, num_keys, head_dim).float()
     scores = torch.bmm(qg, k.transpose(1, 2)).view(batch, num_heads, num_keys)
     scores.add_(mask.view(batch, 1, num_keys))  # the mask broadcast over the heads, no copy

@@ -15,7 +15,12 @@ from __future__ import annotations
 
 import torch
 
-from app.engine.network.attention.base import AttentionBackend, AttentionMetadata, KVCaches
+from app.engine.network.attention.base import (
+    AttentionBackend,
+    AttentionMetadata,
+    KVCaches,
+    StepOwners,
+)
 from kernels import variants
 from kernels._checks import require_launchable
 from kernels.paged_attention import (
@@ -45,6 +50,7 @@ class TritonBackend(AttentionBackend):
         seq_ids: tuple[int, ...],
         cu_seqlens_q: list[int],
         seq_lens: list[int],
+        owners: StepOwners | None = None,
     ) -> None:
         pass  # the kernels read the step's metadata as it is
 

@@ -1,0 +1,305 @@
+"""CPU attention's copy of the threads' keys and values: head-major, kept across steps and turns.
+
+The paged pool stores a layer's keys as [block, slot in block, Hkv, D]: one KV head's keys are
+strided, and a thread's may stand in blocks anywhere in the pool. Attention on the CPU reads them
+best as one contiguous [S, D] matrix per KV head (row_attention.py: oneDNN's products take only
+those; a batch of decodes is one batched product over them). The mirror keeps, per layer,
+
+    keys, values: [R, Hkv, capacity, D]     a row per thread, positions 0.. of its KV
+
+Each step syncs the rows of the step's threads from the pool (where store_kv has just written the
+step's new tokens), copying only what the row lacks: a thread that goes on where its row stopped
+(a decode, the next chunk, its next turn) copies its new tokens and nothing of its history. So a
+turn's prefill reads its history in place and the decodes after it find it ready; a row is filled
+from scratch only for a thread new to the mirror, or whose KV changed under it.
+
+When a row is current. The pool stays the one source of truth; a row records the block ids it
+was synced from and their allocation generations (BlockPool.generations). A block's KV does not
+change while its id and generation stay the same (its holder writes only past what it had
+computed), so on its thread's next step a row is current up to the first block that differs, and
+never past the step's cached prefix (a rolled-back or rewound turn recomputes from there):
+
+    valid = min(row's synced length, step's cached prefix, blocks still the same x block size)
+
+and positions [valid, seq_len) are copied from the pool. A step counts only once the forward pass
+finished (`commit`): a pass that failed half way leaves some layers synced and others not, so its
+rows keep their old length, and a row taken for a new thread holds nothing until then.
+
+Memory: rows share one capacity (grown by half again, with headroom, when a thread outgrows it)
+and stay within `max_bytes` (the pool's own size), rows of threads not in the step giving way,
+least recently used first; a step that still does not fit is not mirrored (`begin_step` returns
+None, the caller reads the pool itself) and the rows stay current for later steps.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+HEADROOM_TOKENS = 256  # room to grow before the capacity is raised
+GROWTH = 1.5  # a raised capacity is at least this times the old one
+
+
+@dataclass
+class _Row:
+    thread_key: Hashable
+    length: int = 0  # positions [0, length) equal the pool's, as of `blocks`
+    blocks: list[int] = field(default_factory=list)  # the thread's table when synced
+    generations: list[int] = field(default_factory=list)  # those blocks' generations then
+    last_used: int = 0  # the step that used it last (least recently used rows give way)
+
+
+@dataclass(frozen=True)
+class MirrorStep:
+    """What the layers of one step need from the mirror."""
+
+    mirror: ThreadMirror
+    rows: list[int]  # per sequence of the step, its row
+    identity: bool  # rows == 0..B-1: a decode step reads the rows as they stand
+    num_rows: int  # rows [0, num_rows) cover every row of the step
+    copy_rows: torch.Tensor  # [n] int64, the row of each position copied from the pool
+    copy_positions: torch.Tensor  # [n] int64, its position in the row
+    copy_slots: torch.Tensor  # [n] int64, its slot in the pool
+
+    def sync_layer(
+        self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy what the step's rows lack from this layer's pool (which holds the step's new
+        keys and values already); returns the layer's [R, Hkv, capacity, D] keys and values."""
+        keys, values = self.mirror.layer(layer)
+        if self.copy_slots.numel():
+            for cache, buffer in ((k_cache, keys), (v_cache, values)):
+                new = cache.flatten(0, 1).index_select(0, self.copy_slots)  # [n, Hkv, D]
+                buffer[self.copy_rows, :, self.copy_positions] = new
+        return keys, values
+
+
+class ThreadMirror:
+    """Per-layer head-major keys/values of the threads the CPU backend serves; owned by it."""
+
+    def __init__(self, num_layers: int, max_bytes: int) -> None:
+        self.num_layers = num_layers
+        self.max_bytes = max_bytes
+        self._storage: list[torch.Tensor] = []  # per layer [2, R, Hkv, capacity, D]
+        self._rows: list[_Row | None] = []
+        self._row_of: dict[Hashable, int] = {}
+        self._capacity = 0
+        self._steps = 0
+        # The step planned and not yet committed: (row, new length, table) per sequence.
+        self._pending: list[tuple[int, int, list[int]]] | None = None
+        self._generations: Sequence[int] = ()
+        self._block_size = 1
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def num_rows(self) -> int:
+        return len(self._rows)
+
+    def row_length(self, thread_key: Hashable) -> int:
+        """Positions of the thread's KV the mirror holds as current (0: none); for tests."""
+        row = self._row_of.get(thread_key)
+        return 0 if row is None else self._rows[row].length  # type: ignore[union-attr]
+
+    def begin_step(
+        self,
+        thread_keys: Sequence[Hashable],
+        tables: Sequence[list[int]],
+        cached_lens: Sequence[int],  # per sequence, positions computed before this step
+        seq_lens: Sequence[int],  # per sequence, positions after it
+        block_size: int,
+        generations: Sequence[int],  # BlockPool.generations
+        like: torch.Tensor,  # a layer's pool [N, bs, Hkv, D]: dtype, device, Hkv, D
+    ) -> MirrorStep | None:
+        """Plan a step: a row for every sequence, what each must copy from the pool. None when
+        the step's rows would not fit in max_bytes (nothing changes then)."""
+        if self._pending is not None:  # the last step never finished: its rows hold nothing new
+            self._abandon()
+        if len(set(thread_keys)) != len(thread_keys):
+            return None  # two sequences of one thread in one step: not the engine's way
+        self._generations, self._block_size = generations, block_size
+        if not self._make_room(thread_keys, max(seq_lens), like):
+            return None
+        self._steps += 1
+        rows, pending = [], []
+        copy_rows: list[int] = []
+        copy_positions: list[int] = []
+        copy_slots: list[int] = []
+        for key, table, cached, end in zip(thread_keys, tables, cached_lens, seq_lens, strict=True):
+            row = self._row_of.get(key)
+            if row is None:
+                row = self._take_row(key, set(thread_keys))
+            entry = self._rows[row]
+            assert entry is not None
+            entry.last_used = self._steps
+            start = min(cached, self._current_length(entry, table, block_size))
+            for block_index in range(start // block_size, (end - 1) // block_size + 1):
+                lo = max(start, block_index * block_size)
+                hi = min(end, (block_index + 1) * block_size)
+                base = table[block_index] * block_size - block_index * block_size
+                copy_slots.extend(range(base + lo, base + hi))
+                copy_positions.extend(range(lo, hi))
+            copy_rows.extend([row] * (end - start))
+            rows.append(row)
+            pending.append((row, end, table))
+        self._pending = pending
+        device = like.device
+        return MirrorStep(
+            mirror=self,
+            rows=rows,
+            identity=rows == list(range(len(rows))),
+            num_rows=max(rows) + 1,
+            copy_rows=torch.tensor(copy_rows, dtype=torch.int64, device=device),
+            copy_positions=torch.tensor(copy_positions, dtype=torch.int64, device=device),
+            copy_slots=torch.tensor(copy_slots, dtype=torch.int64, device=device),
+        )
+
+    def commit(self) -> None:
+        """The planned step's forward pass finished: its rows now hold their sequences' KV."""
+        if self._pending is None:
+            return
+        for row, end, table in self._pending:
+            entry = self._rows[row]
+            assert entry is not None
+            entry.length = end
+            num_blocks = -(-end // self._block_size)
+            entry.blocks = table[:num_blocks]
+            entry.generations = _generations_of(self._generations, entry.blocks)
+        self._pending = None
+
+    def reset(self) -> None:
+        """Forget every row (the storage stays for reuse)."""
+        self._rows = [None] * len(self._rows)
+        self._row_of.clear()
+        self._pending = None
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        storage = self._storage[layer]
+        return storage[0], storage[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self._storage)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def _current_length(self, entry: _Row, table: list[int], block_size: int) -> int:
+        """How much of the row still equals the pool: up to the first block of the thread's
+        table that is not the one synced (by id and generation)."""
+        if entry.length == 0:
+            return 0
+        n = len(entry.blocks)
+        if table[:n] == entry.blocks and _generations_of(self._generations, table[:n]) == (
+            entry.generations
+        ):
+            return entry.length
+        same = 0
+        for block, old, gen in zip(table, entry.blocks, entry.generations, strict=False):
+            if block != old or self._generations[block] != gen:
+                break
+            same += 1
+        return min(entry.length, same * block_size)
+
+    def _take_row(self, key: Hashable, in_step: set[Hashable]) -> int:
+        """A row for a thread new to the mirror: a free one, else the least recently used of the
+        threads not in this step (there is one: _make_room counted them)."""
+        free = [i for i, r in enumerate(self._rows) if r is None]
+        if free:
+            row = free[0]
+        else:
+            row = min(
+                (
+                    i
+                    for i, r in enumerate(self._rows)
+                    if r is not None and r.thread_key not in in_step
+                ),
+                key=lambda i: self._rows[i].last_used,  # type: ignore[union-attr]
+            )
+            del self._row_of[self._rows[row].thread_key]  # type: ignore[union-attr]
+        self._rows[row] = _Row(key)
+        self._row_of[key] = row
+        return row
+
+    def _make_room(self, thread_keys: Sequence[Hashable], longest: int, like: torch.Tensor) -> bool:
+        """Storage with a row for every thread of the step and room for its longest sequence,
+        within max_bytes: resized if need be (the rows keep their contents; more rows may mean
+        less capacity), else its rows of other threads given way, else started over with the
+        step's threads alone. A raised capacity has headroom, as much as the budget allows.
+        False when nothing fits."""
+        block = like.shape[1]
+        per_position = self._bytes(1, 1, like)  # one position of one row, every layer
+        new_threads = sum(1 for key in thread_keys if key not in self._row_of)
+        spare = sum(1 for r in self._rows if r is None)
+        same_dtype = bool(self._storage) and self._storage[0].dtype == like.dtype
+        held = len(self._rows) if same_dtype else 0
+        choices = (
+            (held + max(0, new_threads - spare), same_dtype),  # grow: every row stays
+            (max(held, len(thread_keys)), same_dtype),  # rows of other threads give way
+            (len(thread_keys), False),  # the step's threads alone
+        )
+        for rows, keep in choices:
+            room = self.max_bytes // (per_position * rows) // block * block  # capacity that fits
+            capacity = min(self._capacity, room) if keep else 0
+            if longest > capacity:
+                wanted = max(longest + HEADROOM_TOKENS, int(capacity * GROWTH))
+                capacity = min(-(-wanted // block) * block, room)
+            if capacity < longest:
+                continue
+            if not keep or (rows, capacity) != (held, self._capacity):
+                self._resize(rows, capacity, like, keep=keep)
+            return True
+        return False
+
+    def _bytes(self, rows: int, capacity: int, like: torch.Tensor) -> int:
+        _, _, num_kv_heads, head_dim = like.shape
+        per_layer = 2 * rows * num_kv_heads * capacity * head_dim
+        return self.num_layers * per_layer * like.element_size()
+
+    def _resize(self, rows: int, capacity: int, like: torch.Tensor, *, keep: bool) -> None:
+        """Storage of `rows` rows (at least as many as now, with `keep`) of `capacity` positions
+        per layer. With `keep` each layer's rows are copied in (a row longer than a smaller
+        capacity keeps its first `capacity` positions); else every row is forgotten."""
+        _, _, num_kv_heads, head_dim = like.shape
+        if not keep:
+            self._storage = []  # let the old storage go before the new is made
+            self.reset()
+            self._rows = []
+        old_rows, kept = len(self._rows), min(capacity, self._capacity)
+        for layer in range(self.num_layers):
+            fresh = torch.zeros(
+                2, rows, num_kv_heads, capacity, head_dim, dtype=like.dtype, device=like.device
+            )
+            if keep:
+                fresh[:, :old_rows, :, :kept] = self._storage[layer][:, :, :, :kept]
+                self._storage[layer] = fresh  # the old one goes before the next layer's is made
+            else:
+                self._storage.append(fresh)
+        for entry in self._rows:
+            if entry is not None:
+                entry.length = min(entry.length, capacity)
+        self._rows.extend([None] * (rows - old_rows))
+        self._capacity = capacity
+
+    def _abandon(self) -> None:
+        """A step that never committed: its rows may hold some layers' new KV and not others'.
+        Rows it took for new threads hold nothing; the others keep their old length (the
+        positions it wrote past it are copied again)."""
+        for row, _, _ in self._pending or ():
+            entry = self._rows[row]
+            if entry is not None and entry.length == 0:
+                del self._row_of[entry.thread_key]
+                self._rows[row] = None
+        self._pending = None
+
+
+def _generations_of(generations: Sequence[int], blocks: list[int]) -> list[int]:
+    if not blocks:
+        return []
+    if len(blocks) == 1:
+        return [generations[blocks[0]]]
+    return list(operator.itemgetter(*blocks)(generations))

@@ -139,6 +139,17 @@ def test_threads_turn_after_turn_copy_only_their_new_tokens():
     assert pool.backend.mirror.row_length("a") == 21
 
 
+def test_decodes_of_one_long_thread_among_short_ones_read_each_row_alone():
+    """Padding every row to the longest would read more than twice the real keys: each
+    sequence attends over its own row instead of one batched product (the same attention)."""
+    pool = Pool()
+    pool.step([("long", 0, 40), ("s1", 0, 3), ("s2", 0, 3)])
+    pool.step([("long", 40, 1), ("s1", 3, 1), ("s2", 3, 1)])
+    assert pool.backend.mirror_step is not None and pool.backend._decode_mask is None
+    pool.step([("s1", 4, 1), ("s2", 4, 1)])  # the short ones alone (and long's row): batched
+    assert pool.backend._decode_mask is not None
+
+
 def test_a_rolled_back_turn_is_copied_again_from_where_it_was_cut():
     pool = Pool()
     pool.step([("a", 0, 10)])

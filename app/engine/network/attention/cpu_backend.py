@@ -7,6 +7,7 @@ Stores with kernels/store_kv_ref.py. Attends, per step, by one of three paths, c
         the thread mirror (thread_mirror.py) brings every row of the step up to date, copying
         only what it lacks (the step's new tokens, for a thread it already holds), then
             a step of decodes: one batched product over the rows   -> decode_attention
+            (unless padding to the longest would read more than twice the real keys)
             any other step: per sequence, over its head-major row  -> row_attention.py
     a step of decodes otherwise, padded to the longest table no more than twice the real keys:
         every sequence's blocks gathered and padded                -> padded_decode_attention
@@ -97,7 +98,10 @@ class CPUBackend(AttentionBackend):
             return False
         self.mirror_step = step
         device = self._like.device
-        if decodes_only:
+        # Decodes in one batched product read every row in [0, num_rows) up to the longest:
+        # unless that is more than twice the real keys (one long thread among short ones, or
+        # rows of other threads between them), where each sequence reads its own row instead.
+        if decodes_only and step.num_rows * max(lens) <= 2 * sum(lens):
             # Rows of threads not in the step (between the step's rows) see one key, and their
             # output is dropped: a softmax over no key at all would be NaN.
             row_lens = [1] * step.num_rows

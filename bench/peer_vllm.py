@@ -579,8 +579,11 @@ async def run_rounds(targets: list[Target], args) -> list[tuple[PhaseSummary, li
             order = targets if round_index % 2 else targets[::-1]
             for concurrency in args.concurrency:
                 for target in order:
+                    # New conversations each round (a replay would find the last round's KV
+                    # cached on both servers), the same for both servers within one.
+                    seed = 1000 * round_index + concurrency
                     conversations = build_conversations(
-                        concurrency, args.turns, args.user_tokens, args.reply_tokens, concurrency
+                        concurrency, args.turns, args.user_tokens, args.reply_tokens, seed
                     )
                     sender = target.make_sender(clients[target.server])
                     records, wall = await play(sender, conversations)

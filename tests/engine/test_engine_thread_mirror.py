@@ -256,3 +256,32 @@ def test_the_engine_through_the_mirror_gives_the_pools_logits(num_blocks):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     if num_blocks == 10:
         assert engines[0].kv.stats().evictions > 0
+
+
+def test_a_new_thread_takes_the_row_of_one_long_idle_instead_of_adding_one(monkeypatch):
+    from app.engine.network.attention import thread_mirror
+
+    monkeypatch.setattr(thread_mirror, "IDLE_STEPS", 3)
+    pool = Pool()
+    mirror = pool.backend.mirror
+    pool.step([("a", 0, 5), ("b", 0, 5)])
+    pool.step([("c", 0, 5), ("b", 5, 1)])  # a idle for one step only: a row is added
+    assert mirror.num_rows == 3 and mirror.row_length("a") == 5
+    for n in range(6, 9):
+        pool.step([("b", n, 1), ("c", n - 1, 1)])
+    pool.step([("d", 0, 5), ("b", 9, 1)])  # a idle for 4 steps: d takes its row
+    assert mirror.num_rows == 3 and mirror.row_length("a") == 0 and mirror.row_length("d") == 5
+
+
+def test_decodes_of_rows_past_the_first_read_their_own_range():
+    """Threads that came later sit in later rows: their decodes read that range alone, as it
+    stands (in order) or with the queries moved to their rows (out of order)."""
+    pool = Pool()
+    pool.step([("a", 0, 6), ("b", 0, 6)])
+    pool.step([("c", 0, 6), ("d", 0, 6)])
+    pool.step([("c", 6, 1), ("d", 6, 1)])
+    step = pool.backend.mirror_step
+    assert (step.first_row, step.end_row, step.rows) == (2, 4, [2, 3])
+    assert pool.backend._decode_mask is not None and pool.backend._row_index is None
+    pool.step([("d", 7, 1), ("c", 7, 1)])
+    assert pool.backend._decode_mask is not None and pool.backend._row_index is not None

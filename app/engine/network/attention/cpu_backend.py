@@ -98,21 +98,23 @@ class CPUBackend(AttentionBackend):
             return False
         self.mirror_step = step
         device = self._like.device
-        # Decodes in one batched product read every row in [0, num_rows) up to the longest:
+        # Decodes in one batched product read every row in the step's range up to the longest:
         # unless that is more than twice the real keys (one long thread among short ones, or
         # rows of other threads between them), where each sequence reads its own row instead.
-        if decodes_only and step.num_rows * max(lens) <= 2 * sum(lens):
+        span = step.end_row - step.first_row
+        if decodes_only and span * max(lens) <= 2 * sum(lens):
             # Rows of threads not in the step (between the step's rows) see one key, and their
             # output is dropped: a softmax over no key at all would be NaN.
-            row_lens = [1] * step.num_rows
+            row_lens = [1] * span
             for row, seq_len in zip(step.rows, lens, strict=True):
-                row_lens[row] = seq_len
+                row_lens[row - step.first_row] = seq_len
             self._num_keys = max(lens)
             self._decode_mask = decode_key_mask(
                 torch.tensor(row_lens, dtype=torch.int64, device=device), self._num_keys
             )
-            if not step.identity:
-                self._row_index = torch.tensor(step.rows, dtype=torch.int64, device=device)
+            if not (step.in_order and span == len(lens)):
+                offsets = [row - step.first_row for row in step.rows]
+                self._row_index = torch.tensor(offsets, dtype=torch.int64, device=device)
         return True
 
     def store_kv(
@@ -158,16 +160,17 @@ class CPUBackend(AttentionBackend):
     def _mirror_decodes(
         self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        """A step of decodes over the mirror's rows [0, num_rows): one batched product. Rows in
-        the step's order are read as they stand; otherwise the queries go to their rows (other
-        threads' rows between them get zero queries) and the outputs come back."""
-        assert self.mirror_step is not None and self._decode_mask is not None
-        num_rows, num_keys = self.mirror_step.num_rows, self._num_keys
-        k = keys[:num_rows, :, :num_keys]
-        v = values[:num_rows, :, :num_keys]
+        """A step of decodes over the step's range of the mirror's rows: one batched product.
+        Rows in the step's order are read as they stand; otherwise the queries go to their rows
+        (other threads' rows between them get zero queries) and the outputs come back."""
+        step = self.mirror_step
+        assert step is not None and self._decode_mask is not None
+        rows, num_keys = slice(step.first_row, step.end_row), self._num_keys
+        k = keys[rows, :, :num_keys]
+        v = values[rows, :, :num_keys]
         if self._row_index is None:
             return decode_attention(q, k, v, self._decode_mask, scale)
-        by_row = q.new_zeros(num_rows, *q.shape[1:])
+        by_row = q.new_zeros(step.end_row - step.first_row, *q.shape[1:])
         by_row.index_copy_(0, self._row_index, q)
         out = decode_attention(by_row, k, v, self._decode_mask, scale)
         return out.index_select(0, self._row_index)
@@ -184,6 +187,15 @@ class CPUBackend(AttentionBackend):
         for b, (row, seq_len) in enumerate(zip(self.mirror_step.rows, self._seq_lens, strict=True)):
             start, end = cu[b], cu[b + 1]
             if start == end:
+                continue
+            if end - start == 1:  # a decode: one batched product over the row's KV heads
+                out[start:end] = decode_attention(
+                    q[start:end],
+                    keys[row : row + 1, :, :seq_len],
+                    values[row : row + 1, :, :seq_len],
+                    None,
+                    scale,
+                )
                 continue
             out[start:end] = row_attention(
                 q[start:end],
@@ -247,7 +259,7 @@ def decode_attention(
     q: torch.Tensor,  # [B, Hq, D], one query per sequence
     k: torch.Tensor,  # [B, Hkv, K, D], each sequence's keys padded to K
     v: torch.Tensor,
-    mask: torch.Tensor,  # [B, 1, 1, K] 0 or -inf
+    mask: torch.Tensor | None,  # [B, 1, 1, K] 0 or -inf; None: every key counts
     scale: float,
 ) -> torch.Tensor:
     """softmax(q k^T * scale + mask) v for a step of decodes, as batched products over (sequence,
@@ -261,6 +273,7 @@ def decode_attention(
     k = k.reshape(rows, num_keys, head_dim).float()  # views of the mirror's rows (or a gather)
     v = v.reshape(rows, num_keys, head_dim).float()
     scores = torch.bmm(qg, k.transpose(1, 2)).view(batch, num_heads, num_keys)
-    scores.add_(mask.view(batch, 1, num_keys))  # the mask broadcast over the heads, no copy
+    if mask is not None:
+        scores.add_(mask.view(batch, 1, num_keys))  # the mask broadcast over the heads, no copy
     probs = torch.softmax(scores, dim=-1).view(rows, group, num_keys)
     return torch.bmm(probs, v).view(batch, num_heads, head_dim).to(q.dtype)

@@ -28,7 +28,9 @@ rows keep their old length, and a row taken for a new thread holds nothing until
 Memory: rows share one capacity (grown by half again, with headroom, when a thread outgrows it)
 and stay within `max_bytes` (the pool's own size), rows of threads not in the step giving way,
 least recently used first; a step that still does not fit is not mirrored (`begin_step` returns
-None, the caller reads the pool itself) and the rows stay current for later steps.
+None, the caller reads the pool itself) and the rows stay current for later steps. A new thread
+takes the row of one idle for IDLE_STEPS steps rather than adding one, so the rows follow the
+threads in use, not every thread ever served.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 HEADROOM_TOKENS = 256  # room to grow before the capacity is raised
+IDLE_STEPS = 512  # a row unused for this many steps goes to a new thread before the rows grow
 GROWTH = 1.5  # a raised capacity is at least this times the old one
 
 
@@ -58,8 +61,9 @@ class MirrorStep:
 
     mirror: ThreadMirror
     rows: list[int]  # per sequence of the step, its row
-    identity: bool  # rows == 0..B-1: a decode step reads the rows as they stand
-    num_rows: int  # rows [0, num_rows) cover every row of the step
+    first_row: int  # rows [first_row, end_row) cover every row of the step
+    end_row: int
+    in_order: bool  # rows == first_row, first_row + 1, ...: a decode step reads them as they stand
     copy_rows: torch.Tensor  # [n] int64, the row of each position copied from the pool
     copy_positions: torch.Tensor  # [n] int64, its position in the row
     copy_slots: torch.Tensor  # [n] int64, its slot in the pool
@@ -152,8 +156,9 @@ class ThreadMirror:
         return MirrorStep(
             mirror=self,
             rows=rows,
-            identity=rows == list(range(len(rows))),
-            num_rows=max(rows) + 1,
+            first_row=min(rows),
+            end_row=max(rows) + 1,
+            in_order=rows == list(range(rows[0], rows[0] + len(rows))),
             copy_rows=torch.tensor(copy_rows, dtype=torch.int64, device=device),
             copy_positions=torch.tensor(copy_positions, dtype=torch.int64, device=device),
             copy_slots=torch.tensor(copy_slots, dtype=torch.int64, device=device),
@@ -206,11 +211,18 @@ class ThreadMirror:
         return min(entry.length, same * block_size)
 
     def _take_row(self, key: Hashable, in_step: set[Hashable]) -> int:
-        """A row for a thread new to the mirror: a free one, else the least recently used of the
-        threads not in this step (there is one: _make_room counted them)."""
-        free = [i for i, r in enumerate(self._rows) if r is None]
-        if free:
-            row = free[0]
+        """A row for a thread new to the mirror: the lowest free row or row idle for IDLE_STEPS
+        (the lowest, so that threads that come together sit together: a step of decodes reads one
+        range of rows), else the least recently used of the threads not in this step (there is
+        one: _make_room counted them)."""
+        idle_before = self._steps - IDLE_STEPS
+        candidates = [
+            i
+            for i, r in enumerate(self._rows)
+            if r is None or (r.last_used < idle_before and r.thread_key not in in_step)
+        ]
+        if candidates:
+            row = candidates[0]
         else:
             row = min(
                 (
@@ -220,7 +232,9 @@ class ThreadMirror:
                 ),
                 key=lambda i: self._rows[i].last_used,  # type: ignore[union-attr]
             )
-            del self._row_of[self._rows[row].thread_key]  # type: ignore[union-attr]
+        taken = self._rows[row]
+        if taken is not None:
+            del self._row_of[taken.thread_key]
         self._rows[row] = _Row(key)
         self._row_of[key] = row
         return row
@@ -234,7 +248,15 @@ class ThreadMirror:
         block = like.shape[1]
         per_position = self._bytes(1, 1, like)  # one position of one row, every layer
         new_threads = sum(1 for key in thread_keys if key not in self._row_of)
-        spare = sum(1 for r in self._rows if r is None)
+        # Rows a new thread may take without growing: free ones, and those of threads idle for
+        # IDLE_STEPS (most likely done; the storage would otherwise hold every thread ever seen).
+        idle_before = self._steps - IDLE_STEPS
+        in_step = set(thread_keys)
+        spare = sum(
+            1
+            for r in self._rows
+            if r is None or (r.last_used < idle_before and r.thread_key not in in_step)
+        )
         same_dtype = bool(self._storage) and self._storage[0].dtype == like.dtype
         held = len(self._rows) if same_dtype else 0
         choices = (

@@ -40,57 +40,58 @@ def timed(fn, repeats: int) -> tuple[float, float]:
     return ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / repeats
 
 
-def child(keep: bool, new: int, histories: list[int], repeats: int) -> list[dict]:
+def measure(history: int, new: int, repeats: int, gen: torch.Generator) -> dict:
+    """Both ways on one history length: checked equal, then timed twice in alternation."""
     from app.engine.network.attention.row_attention import row_attention, row_attention_mask
-    from app.engine.network.host_memory import keep_freed_memory
     from kernels.paged_attention_ref import chunk_mask
+
+    keys = history + new
+    # The pool's layout [slot, Hkv, D] (a consecutive thread: one view), and the mirror's.
+    pool = [torch.randn(2, keys, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
+    mirror = [p.transpose(1, 2).contiguous() for p in pool]  # [2, Hkv, S, D]
+    q = torch.randn(new, HEADS, HEAD_DIM, generator=gen)
+    sdpa_mask = chunk_mask(new, keys, q.device)
+    row_mask = row_attention_mask(new, keys, HEADS // KV_HEADS, q.device)
+
+    def sdpa() -> list[torch.Tensor]:
+        return [
+            F.scaled_dot_product_attention(
+                q.transpose(0, 1).unsqueeze(0),
+                p[0].transpose(0, 1).unsqueeze(0),
+                p[1].transpose(0, 1).unsqueeze(0),
+                attn_mask=sdpa_mask,
+                scale=SCALE,
+                enable_gqa=True,
+            )[0].transpose(0, 1)
+            for p in pool
+        ]
+
+    def rows_way() -> list[torch.Tensor]:
+        return [row_attention(q, m[0], m[1], SCALE, row_mask) for m in mirror]
+
+    for a, b in zip(sdpa(), rows_way(), strict=True):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    sdpa_ms, sdpa_faults = timed(sdpa, repeats)
+    rows_ms, rows_faults = timed(rows_way, repeats)
+    sdpa_ms2, _ = timed(sdpa, repeats)
+    rows_ms2, _ = timed(rows_way, repeats)
+    return {
+        "history": history,
+        "sdpa_ms": (sdpa_ms + sdpa_ms2) / 2,
+        "rows_ms": (rows_ms + rows_ms2) / 2,
+        "sdpa_faults": sdpa_faults,
+        "rows_faults": rows_faults,
+    }
+
+
+def child(keep: bool, new: int, histories: list[int], repeats: int) -> list[dict]:
+    from app.engine.network.host_memory import keep_freed_memory
 
     if keep:
         keep_freed_memory()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     gen = torch.Generator().manual_seed(0)
-    rows = []
-    for history in histories:
-        keys = history + new
-        # The pool's layout [slot, Hkv, D] (a consecutive thread: one view), and the mirror's.
-        pool = [torch.randn(2, keys, KV_HEADS, HEAD_DIM, generator=gen) for _ in range(LAYERS)]
-        mirror = [p.transpose(1, 2).contiguous() for p in pool]  # [2, Hkv, S, D]
-        q = torch.randn(new, HEADS, HEAD_DIM, generator=gen)
-        sdpa_mask = chunk_mask(new, keys, q.device)
-        row_mask = row_attention_mask(new, keys, HEADS // KV_HEADS, q.device)
-
-        def sdpa():
-            return [
-                F.scaled_dot_product_attention(
-                    q.transpose(0, 1).unsqueeze(0),
-                    p[0].transpose(0, 1).unsqueeze(0),
-                    p[1].transpose(0, 1).unsqueeze(0),
-                    attn_mask=sdpa_mask,
-                    scale=SCALE,
-                    enable_gqa=True,
-                )[0].transpose(0, 1)
-                for p in pool
-            ]
-
-        def rows_way():
-            return [row_attention(q, m[0], m[1], SCALE, row_mask) for m in mirror]
-
-        for a, b in zip(sdpa(), rows_way(), strict=True):
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
-        sdpa_ms, sdpa_faults = timed(sdpa, repeats)
-        rows_ms, rows_faults = timed(rows_way, repeats)
-        sdpa_ms2, _ = timed(sdpa, repeats)
-        rows_ms2, _ = timed(rows_way, repeats)
-        rows.append(
-            {
-                "history": history,
-                "sdpa_ms": (sdpa_ms + sdpa_ms2) / 2,
-                "rows_ms": (rows_ms + rows_ms2) / 2,
-                "sdpa_faults": sdpa_faults,
-                "rows_faults": rows_faults,
-            }
-        )
-    return rows
+    return [measure(history, new, repeats, gen) for history in histories]
 
 
 def main() -> None:

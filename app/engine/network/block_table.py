@@ -24,6 +24,16 @@ from dataclasses import dataclass
 import torch
 
 
+def extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the pool slots of positions [start, end) of a sequence with block table `table`:
+    block by block, a run of consecutive slots per block touched."""
+    for block_index in range(start // block_size, (end - 1) // block_size + 1):
+        base = table[block_index] * block_size - block_index * block_size
+        lo = max(start, block_index * block_size)
+        hi = min(end, (block_index + 1) * block_size)
+        slots.extend(range(base + lo, base + hi))
+
+
 @dataclass
 class _Row:
     index: int

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from app.engine.network.attention import AttentionMetadata, StepOwners, create_backend
-from app.engine.network.block_table import DeviceBlockTable
+from app.engine.network.block_table import DeviceBlockTable, extend_slots
 from app.engine.network.compiled_step import StepCache
 from app.engine.network.host_memory import keep_freed_memory
 from app.engine.network.model import CausalLM
@@ -90,12 +90,7 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end])
             positions.extend(range(start, end))
             table = seq.block_table
-            # Slots block by block: a run of consecutive slots per block touched.
-            for block_index in range(start // bs, (end - 1) // bs + 1):
-                base = table[block_index] * bs - block_index * bs
-                lo = max(start, block_index * bs)
-                hi = min(end, (block_index + 1) * bs)
-                slot_mapping.extend(range(base + lo, base + hi))
+            extend_slots(slot_mapping, table, start, end, bs)
             cu_seqlens_q.append(cu_seqlens_q[-1] + num_new)
             seq_lens.append(end)
             tables.append(table)

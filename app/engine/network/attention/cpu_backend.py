@@ -112,7 +112,7 @@ class CPUBackend(AttentionBackend):
             self._decode_mask = decode_key_mask(
                 torch.tensor(row_lens, dtype=torch.int64, device=device), self._num_keys
             )
-            if not (step.in_order and span == len(lens)):
+            if not step.in_order:
                 offsets = [row - step.first_row for row in step.rows]
                 self._row_index = torch.tensor(offsets, dtype=torch.int64, device=device)
         return True

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from app.engine.network.block_table import extend_slots
+
 HEADROOM_TOKENS = 256  # room to grow before the capacity is raised
 IDLE_STEPS = 512  # a row unused for this many steps goes to a new thread before the rows grow
 GROWTH = 1.5  # a raised capacity is at least this times the old one
@@ -61,12 +63,23 @@ class MirrorStep:
 
     mirror: ThreadMirror
     rows: list[int]  # per sequence of the step, its row
-    first_row: int  # rows [first_row, end_row) cover every row of the step
-    end_row: int
-    in_order: bool  # rows == first_row, first_row + 1, ...: a decode step reads them as they stand
     copy_rows: torch.Tensor  # [n] int64, the row of each position copied from the pool
     copy_positions: torch.Tensor  # [n] int64, its position in the row
     copy_slots: torch.Tensor  # [n] int64, its slot in the pool
+
+    @property
+    def first_row(self) -> int:
+        """Rows [first_row, end_row) cover every row of the step."""
+        return min(self.rows)
+
+    @property
+    def end_row(self) -> int:
+        return max(self.rows) + 1
+
+    @property
+    def in_order(self) -> bool:
+        """rows == first_row, first_row + 1, ...: a step of decodes reads them as they stand."""
+        return self.rows == list(range(self.rows[0], self.rows[0] + len(self.rows)))
 
     def sync_layer(
         self, layer: int, k_cache: torch.Tensor, v_cache: torch.Tensor
@@ -92,10 +105,10 @@ class ThreadMirror:
         self._row_of: dict[Hashable, int] = {}
         self._capacity = 0
         self._steps = 0
-        # The step planned and not yet committed: (row, new length, table) per sequence.
-        self._pending: list[tuple[int, int, list[int]]] | None = None
-        self._generations: Sequence[int] = ()
-        self._block_size = 1
+        # The step planned and not yet committed, per sequence: its row and what the row will
+        # hold then (length, blocks, their generations; a running sequence's blocks do not
+        # change during its step).
+        self._pending: list[tuple[int, _Row]] | None = None
 
     @property
     def capacity(self) -> int:
@@ -124,10 +137,10 @@ class ThreadMirror:
         the step's rows would not fit in max_bytes (nothing changes then)."""
         if self._pending is not None:  # the last step never finished: its rows hold nothing new
             self._abandon()
-        if len(set(thread_keys)) != len(thread_keys):
+        in_step = set(thread_keys)
+        if len(in_step) != len(thread_keys):
             return None  # two sequences of one thread in one step: not the engine's way
-        self._generations, self._block_size = generations, block_size
-        if not self._make_room(thread_keys, max(seq_lens), like):
+        if not self._make_room(in_step, max(seq_lens), like):
             return None
         self._steps += 1
         rows, pending = [], []
@@ -137,28 +150,23 @@ class ThreadMirror:
         for key, table, cached, end in zip(thread_keys, tables, cached_lens, seq_lens, strict=True):
             row = self._row_of.get(key)
             if row is None:
-                row = self._take_row(key, set(thread_keys))
+                row = self._take_row(key, in_step)
             entry = self._rows[row]
             assert entry is not None
             entry.last_used = self._steps
-            start = min(cached, self._current_length(entry, table, block_size))
-            for block_index in range(start // block_size, (end - 1) // block_size + 1):
-                lo = max(start, block_index * block_size)
-                hi = min(end, (block_index + 1) * block_size)
-                base = table[block_index] * block_size - block_index * block_size
-                copy_slots.extend(range(base + lo, base + hi))
-                copy_positions.extend(range(lo, hi))
+            start = min(cached, self._current_length(entry, table, block_size, generations))
+            extend_slots(copy_slots, table, start, end, block_size)
+            copy_positions.extend(range(start, end))
             copy_rows.extend([row] * (end - start))
             rows.append(row)
-            pending.append((row, end, table))
+            blocks = table[: -(-end // block_size)]
+            synced = _Row(key, end, blocks, _generations_of(generations, blocks), self._steps)
+            pending.append((row, synced))
         self._pending = pending
         device = like.device
         return MirrorStep(
             mirror=self,
             rows=rows,
-            first_row=min(rows),
-            end_row=max(rows) + 1,
-            in_order=rows == list(range(rows[0], rows[0] + len(rows))),
             copy_rows=torch.tensor(copy_rows, dtype=torch.int64, device=device),
             copy_positions=torch.tensor(copy_positions, dtype=torch.int64, device=device),
             copy_slots=torch.tensor(copy_slots, dtype=torch.int64, device=device),
@@ -166,15 +174,8 @@ class ThreadMirror:
 
     def commit(self) -> None:
         """The planned step's forward pass finished: its rows now hold their sequences' KV."""
-        if self._pending is None:
-            return
-        for row, end, table in self._pending:
-            entry = self._rows[row]
-            assert entry is not None
-            entry.length = end
-            num_blocks = -(-end // self._block_size)
-            entry.blocks = table[:num_blocks]
-            entry.generations = _generations_of(self._generations, entry.blocks)
+        for row, synced in self._pending or ():
+            self._rows[row] = synced
         self._pending = None
 
     def reset(self) -> None:
@@ -193,34 +194,42 @@ class ThreadMirror:
 
     # -- planning -------------------------------------------------------------------------
 
-    def _current_length(self, entry: _Row, table: list[int], block_size: int) -> int:
+    @staticmethod
+    def _current_length(
+        entry: _Row, table: list[int], block_size: int, generations: Sequence[int]
+    ) -> int:
         """How much of the row still equals the pool: up to the first block of the thread's
         table that is not the one synced (by id and generation)."""
         if entry.length == 0:
             return 0
         n = len(entry.blocks)
-        if table[:n] == entry.blocks and _generations_of(self._generations, table[:n]) == (
+        if table[:n] == entry.blocks and _generations_of(generations, table[:n]) == (
             entry.generations
         ):
-            return entry.length
+            return entry.length  # the common case, compared in C
         same = 0
         for block, old, gen in zip(table, entry.blocks, entry.generations, strict=False):
-            if block != old or self._generations[block] != gen:
+            if block != old or generations[block] != gen:
                 break
             same += 1
         return min(entry.length, same * block_size)
 
-    def _take_row(self, key: Hashable, in_step: set[Hashable]) -> int:
-        """A row for a thread new to the mirror: the lowest free row or row idle for IDLE_STEPS
-        (the lowest, so that threads that come together sit together: a step of decodes reads one
-        range of rows), else the least recently used of the threads not in this step (there is
-        one: _make_room counted them)."""
+    def _spare_rows(self, in_step: set[Hashable]) -> list[int]:
+        """Rows a new thread may take without the storage growing: free ones, and those of
+        threads idle for IDLE_STEPS (most likely done: the storage would otherwise hold every
+        thread ever seen), lowest first."""
         idle_before = self._steps - IDLE_STEPS
-        candidates = [
+        return [
             i
             for i, r in enumerate(self._rows)
             if r is None or (r.last_used < idle_before and r.thread_key not in in_step)
         ]
+
+    def _take_row(self, key: Hashable, in_step: set[Hashable]) -> int:
+        """A row for a thread new to the mirror: the lowest spare one (so that threads that come
+        together sit together: a step of decodes reads one range of rows), else the least
+        recently used of the threads not in this step (there is one: _make_room counted them)."""
+        candidates = self._spare_rows(in_step)
         if candidates:
             row = candidates[0]
         else:
@@ -239,7 +248,7 @@ class ThreadMirror:
         self._row_of[key] = row
         return row
 
-    def _make_room(self, thread_keys: Sequence[Hashable], longest: int, like: torch.Tensor) -> bool:
+    def _make_room(self, in_step: set[Hashable], longest: int, like: torch.Tensor) -> bool:
         """Storage with a row for every thread of the step and room for its longest sequence,
         within max_bytes: resized if need be (the rows keep their contents; more rows may mean
         less capacity), else its rows of other threads given way, else started over with the
@@ -247,22 +256,14 @@ class ThreadMirror:
         False when nothing fits."""
         block = like.shape[1]
         per_position = self._bytes(1, 1, like)  # one position of one row, every layer
-        new_threads = sum(1 for key in thread_keys if key not in self._row_of)
-        # Rows a new thread may take without growing: free ones, and those of threads idle for
-        # IDLE_STEPS (most likely done; the storage would otherwise hold every thread ever seen).
-        idle_before = self._steps - IDLE_STEPS
-        in_step = set(thread_keys)
-        spare = sum(
-            1
-            for r in self._rows
-            if r is None or (r.last_used < idle_before and r.thread_key not in in_step)
-        )
+        new_threads = sum(1 for key in in_step if key not in self._row_of)
+        spare = len(self._spare_rows(in_step))
         same_dtype = bool(self._storage) and self._storage[0].dtype == like.dtype
         held = len(self._rows) if same_dtype else 0
         choices = (
             (held + max(0, new_threads - spare), same_dtype),  # grow: every row stays
-            (max(held, len(thread_keys)), same_dtype),  # rows of other threads give way
-            (len(thread_keys), False),  # the step's threads alone
+            (max(held, len(in_step)), same_dtype),  # rows of other threads give way
+            (len(in_step), False),  # the step's threads alone
         )
         for rows, keep in choices:
             room = self.max_bytes // (per_position * rows) // block * block  # capacity that fits
@@ -311,7 +312,7 @@ class ThreadMirror:
         """A step that never committed: its rows may hold some layers' new KV and not others'.
         Rows it took for new threads hold nothing; the others keep their old length (the
         positions it wrote past it are copied again)."""
-        for row, _, _ in self._pending or ():
+        for row, _ in self._pending or ():
             entry = self._rows[row]
             if entry is not None and entry.length == 0:
                 del self._row_of[entry.thread_key]

@@ -16,7 +16,7 @@ alternation, --rounds times each:
 Prints, per mode and concurrency, the mean TTFT of turns 4-6 and 18-20 and their ratio (the
 issue's bar: turn 20 within 1.3x of turn 5), the median TTFT of turns 4-20, and decode tokens/s
 per request (output tokens / (total - TTFT), the median); JSON to bench/out/turn_growth.json.
-Both engines are built in a thread that ends (app/threads/runtime_factory.py says why).
+Both engines are built in a thread that ends (runtime_factory.call_in_own_thread says why).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ import asyncio
 import json
 import os
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from app.engine.loading.loader import resolve_model
 from app.engine.runtime.async_engine import AsyncLLMEngine
 from app.engine.runtime.llm_engine import LLMEngine
 from app.engine.runtime.types import SamplingParams
+from app.threads.runtime_factory import call_in_own_thread
 from bench.engine_turns import drain_timed
 
 MODEL_NAME = "builtin-bench-random"
@@ -45,21 +45,19 @@ MODES = ("pool", "mirror")
 
 def build_engines(kv_cache_mb: int) -> dict[str, LLMEngine]:
     """Both engines, built in a thread that ends (no OpenMP team left on this one)."""
-    engines: dict[str, LLMEngine] = {}
 
-    def build() -> None:
+    def build() -> dict[str, LLMEngine]:
         torch.set_num_threads(len(os.sched_getaffinity(0)))
         loaded = resolve_model(MODEL_NAME, device="cpu", dtype=torch.float32)
+        engines = {}
         for mode in MODES:
             engine = LLMEngine.from_loaded(loaded, kv_cache_mb=kv_cache_mb, max_num_seqs=32)
             if mode == "pool":
                 engine.runner.block_generations = None  # the backend is not told whose KV
             engines[mode] = engine
+        return engines
 
-    thread = threading.Thread(target=build, name="bench-load")
-    thread.start()
-    thread.join()
-    return engines
+    return call_in_own_thread(build, name="bench-load")
 
 
 async def conversation(

@@ -12,13 +12,15 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.config import Settings
 from app.threads.ports import ModelRuntime
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +48,30 @@ def tier_budgets(settings: Settings, pool_mb: int) -> tuple[int, Path, int]:
 
 
 def build_runtime_in_own_thread(settings: Settings) -> ModelRuntime:
-    """build_runtime in a thread of its own that ends with it, so that only the engine's thread
-    keeps a team of OpenMP workers. GNU OpenMP (torch's on the CPU) keeps one for every thread
-    that ever ran a parallel region; with the loading thread's team alive beside the engine's,
-    it counts more worker threads than cores and stops spin-waiting between parallel regions,
-    so every region of an engine step pays a wake-up: a batch-1 decode step of the 83M built-in
-    took 15.5 ms on 2 cores, against 9.0 ms with the model loaded in a thread that ended."""
+    """build_runtime in a thread of its own that ends with it (call_in_own_thread says why)."""
+    return call_in_own_thread(lambda: build_runtime(settings), name="kvthreads-load")
+
+
+def call_in_own_thread(fn: Callable[[], T], name: str) -> T:
+    """fn() in a thread of its own that ends with it, so that only the engine's thread keeps a
+    team of OpenMP workers. GNU OpenMP (torch's on the CPU) keeps one for every thread that ever
+    ran a parallel region; with the loading thread's team alive beside the engine's, it counts
+    more worker threads than cores and stops spin-waiting between parallel regions, so every
+    region of an engine step pays a wake-up: a batch-1 decode step of the 83M built-in took
+    15.5 ms on 2 cores, against 9.0 ms with the model loaded in a thread that ended. fn's
+    exception is raised here."""
     import threading
 
-    result: list[ModelRuntime] = []
+    result: list[T] = []
     error: list[BaseException] = []
 
-    def build() -> None:
+    def call() -> None:
         try:
-            result.append(build_runtime(settings))
+            result.append(fn())
         except BaseException as exc:  # handed to the caller's thread
             error.append(exc)
 
-    thread = threading.Thread(target=build, name="kvthreads-load")
+    thread = threading.Thread(target=call, name=name)
     thread.start()
     thread.join()
     if error:

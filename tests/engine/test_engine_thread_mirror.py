@@ -47,9 +47,12 @@ class Pool:
     """A CPU backend over a small pool whose contents a test writes as an engine step would,
     and a block allocator with generations."""
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+    def __init__(self, max_bytes: int | None = None, head_dim: int = HEAD_DIM) -> None:
+        # HEAD_DIM (8) is no head size the C++ decode kernel is built for: decodes take torch's
+        # products, whose paths these tests follow; 16 gives them to the kernel.
+        self.head_dim = head_dim
         self.gen = torch.Generator().manual_seed(0)
-        shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+        shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
         self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(NUM_LAYERS)]
         self.backend = CPUBackend(self.caches)
         if max_bytes is not None:
@@ -110,12 +113,12 @@ class Pool:
             k_cache, v_cache = self.caches[layer]
             flat_k, flat_v = k_cache.flatten(0, 1), v_cache.flatten(0, 1)
             flat_k[torch.tensor(slots)] = torch.randn(
-                len(slots), NUM_KV_HEADS, HEAD_DIM, generator=self.gen
+                len(slots), NUM_KV_HEADS, self.head_dim, generator=self.gen
             )
             flat_v[torch.tensor(slots)] = torch.randn(
-                len(slots), NUM_KV_HEADS, HEAD_DIM, generator=self.gen
+                len(slots), NUM_KV_HEADS, self.head_dim, generator=self.gen
             )
-            q = torch.randn(cu[-1], NUM_HEADS, HEAD_DIM, generator=self.gen)
+            q = torch.randn(cu[-1], NUM_HEADS, self.head_dim, generator=self.gen)
             got = self.backend.forward(q, k_cache, v_cache, meta, 0.35, layer)
             want = paged_attention_ref(q, k_cache, v_cache, block_tables, cu, seq_lens, 0.35)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -137,6 +140,23 @@ def test_threads_turn_after_turn_copy_only_their_new_tokens():
     pool.step([("b", 10, 1), ("a", 17, 4), ("c", 3, 1)])  # a comes back, rows out of order
     assert pool.copied == [9, 1, 1, 1, 12, 2, 1, 4, 6]
     assert pool.backend.mirror.row_length("a") == 21
+
+
+def test_decodes_by_the_kernel_read_their_own_rows_in_any_step():
+    """With the C++ kernel (float32, a head size it is built for): a step of decodes reads each
+    sequence's own row, in any order and of any length, and the decodes of a step with prefill
+    chunks go to it together; every step checked against the reference."""
+    pool = Pool(head_dim=16)
+    backend = pool.backend
+    assert backend.decode_kernel is not None
+    pool.step([("long", 0, 40), ("s1", 0, 3), ("s2", 0, 3)])
+    pool.step([("s2", 3, 1), ("long", 40, 1), ("s1", 3, 1)])  # out of order, one long row
+    assert backend._native_rows is not None and backend._native_index is None
+    assert backend._decode_mask is None
+    pool.step([("s1", 4, 1), ("new", 0, 6), ("long", 41, 1)])  # decodes beside a prefill
+    assert backend._native_index is not None and backend._native_index.tolist() == [0, 7]
+    pool.step([("new", 6, 5)])  # a chunk alone: no decodes for the kernel
+    assert backend._native_rows is None
 
 
 def test_decodes_of_one_long_thread_among_short_ones_read_each_row_alone():

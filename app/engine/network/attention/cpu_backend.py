@@ -6,9 +6,10 @@ Stores with kernels/store_kv_ref.py. Attends, per step, by one of three paths, c
     the engine's steps (it says whose KV each sequence is, `owners`), within the mirror's memory:
         the thread mirror (thread_mirror.py) brings every row of the step up to date, copying
         only what it lacks (the step's new tokens, for a thread it already holds), then
-            a step of decodes: one batched product over the rows   -> decode_attention
+            decodes (float32): each reads its own row's keys     -> kernels/cpu_decode_attention
+            a step of decodes otherwise: one batched product over the rows -> decode_attention
             (unless padding to the longest would read more than twice the real keys)
-            any other step: per sequence, over its head-major row  -> row_attention.py
+            a turn's new tokens: per sequence, over its head-major row -> row_attention.py
     a step of decodes otherwise, padded to the longest table no more than twice the real keys:
         every sequence's blocks gathered and padded                -> padded_decode_attention
     anything else (and callers that do not say whose the KV is):
@@ -28,6 +29,7 @@ from app.engine.network.attention.base import (
 )
 from app.engine.network.attention.row_attention import row_attention, row_attention_mask
 from app.engine.network.attention.thread_mirror import MirrorStep, ThreadMirror
+from kernels.cpu_decode_attention import DecodeAttentionKernel, DecodeRows, load_decode_attention
 from kernels.paged_attention_ref import chunk_masks, paged_attention_ref
 from kernels.store_kv_ref import store_kv_ref
 
@@ -35,9 +37,16 @@ from kernels.store_kv_ref import store_kv_ref
 class CPUBackend(AttentionBackend):
     """Keeps the step's host lists and extras, and the thread mirror across steps."""
 
-    def __init__(self, kv_caches: KVCaches) -> None:
+    def __init__(self, kv_caches: KVCaches, *, native_decode: bool = True) -> None:
         self._like = kv_caches[0][0]  # a layer's cache: dtype, device, block size, Hkv, D
         self.block_size = self._like.shape[1]
+        # Decodes through the mirror read their rows with the C++ kernel where it is built for
+        # this CPU and head size (float32 on the CPU); None: torch's batched products.
+        self.decode_kernel: DecodeAttentionKernel | None = None
+        if native_decode and self._like.device.type == "cpu" and self._like.dtype == torch.float32:
+            kernel = load_decode_attention()
+            if kernel is not None and kernel.supports(self._like.shape[-1]):
+                self.decode_kernel = kernel
         # At most the pool's own size: the running threads' keys, with headroom.
         pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
         self.mirror = ThreadMirror(len(kv_caches), max_bytes=pool_bytes)
@@ -47,6 +56,10 @@ class CPUBackend(AttentionBackend):
         self.mirror_step: MirrorStep | None = None  # a step through the mirror
         self._row_index: torch.Tensor | None = None  # [B] int64, each sequence's row
         self._num_keys = 0  # a decode step through the mirror: keys read per row
+        # Decodes through the mirror by the kernel: their rows and lengths, and (a step that
+        # also has prefill chunks) their positions in the step's queries.
+        self._native_rows: DecodeRows | None = None
+        self._native_index: torch.Tensor | None = None
         # A chunk step: per sequence, its row_attention_mask (built by the first layer, which
         # knows the query heads).
         self._row_masks: list[torch.Tensor | None] | None = None
@@ -66,7 +79,7 @@ class CPUBackend(AttentionBackend):
     ) -> None:
         self._cu_seqlens_q, self._seq_lens = cu_seqlens_q, seq_lens
         self.mirror_step = self._row_index = self._decode_blocks = self._decode_mask = None
-        self._chunk_masks = self._row_masks = None
+        self._chunk_masks = self._row_masks = self._native_rows = self._native_index = None
         decodes_only = meta.max_seqlen_q == 1
         if owners is not None and self._prepare_mirror(owners, decodes_only):
             return
@@ -98,6 +111,17 @@ class CPUBackend(AttentionBackend):
             return False
         self.mirror_step = step
         device = self._like.device
+        if self.decode_kernel is not None:
+            decodes = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
+            if decodes:
+                self._native_rows = DecodeRows(
+                    [step.rows[b] for b in decodes], [lens[b] for b in decodes]
+                )
+            if not decodes_only and decodes:
+                positions = [cu[b] for b in decodes]
+                self._native_index = torch.tensor(positions, dtype=torch.int64, device=device)
+            if decodes_only:
+                return True
         # Decodes in one batched product read every row in the step's range up to the longest:
         # unless that is more than twice the real keys (one long thread among short ones, or
         # rows of other threads between them), where each sequence reads its own row instead.
@@ -139,6 +163,9 @@ class CPUBackend(AttentionBackend):
         step = self.mirror_step
         if step is not None:
             keys, values = step.sync_layer(layer, k_cache, v_cache)  # [R, Hkv, capacity, D]
+            if self._native_rows is not None and self._native_index is None:  # decodes only
+                assert self.decode_kernel is not None
+                return self.decode_kernel(q, keys, values, self._native_rows, scale)
             if self._decode_mask is not None:
                 return self._mirror_decodes(q, keys, values, scale)
             return self._mirror_chunks(q, keys, values, scale)
@@ -184,9 +211,16 @@ class CPUBackend(AttentionBackend):
         if self._row_masks is None:
             self._row_masks = self._build_row_masks(q.shape[1] // keys.shape[1], q.device)
         out = torch.empty_like(q)
+        native = self._native_index is not None
+        if native:  # the step's decodes, all at once
+            assert self.decode_kernel is not None and self._native_rows is not None
+            decoded = self.decode_kernel(
+                q.index_select(0, self._native_index), keys, values, self._native_rows, scale
+            )
+            out.index_copy_(0, self._native_index, decoded)
         for b, (row, seq_len) in enumerate(zip(self.mirror_step.rows, self._seq_lens, strict=True)):
             start, end = cu[b], cu[b + 1]
-            if start == end:
+            if start == end or (native and end - start == 1):
                 continue
             if end - start == 1:  # a decode: one batched product over the row's KV heads
                 out[start:end] = decode_attention(

@@ -1,0 +1,200 @@
+"""CPU decode attention over the thread mirror's rows: a small C++ kernel, built on first use.
+
+    kernel = load_decode_attention()          # None where no compiler built it (callers fall back)
+    rows = DecodeRows([3, 0, 1], [812, 40, 1530])     # once a step: each sequence's row, length
+    out = kernel(q, keys, values, rows, scale)        # per layer: q [B, Hq, D] -> [B, Hq, D]
+
+`keys`/`values` are one layer of the mirror, [R, Hkv, capacity, D] float32, contiguous in D.
+Sequence b reads the first lens[b] keys of row rows[b]; the reference is
+`app/engine/network/attention/cpu_backend.decode_attention` over those keys (the tests compare
+them). Why a kernel and how it splits the work: kernels/cpu_decode_attention.cpp.
+
+The build: g++ (or $CXX) with -O3 -march=native -fopenmp, about a second, into a cache folder
+($KVTHREADS_KERNEL_CACHE, else ~/.cache/kvthreads/kernels) under a name that hashes the source,
+the flags, the compiler and the CPU it was built on (-march=native code must not run on another
+CPU). Written to a temporary name and renamed, so concurrent processes never load half a file.
+A failed build is logged once and the caller keeps its torch path: the kernel is a speed-up, not
+a requirement.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_suffix(".cpp")
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-fopenmp",  # resolves at load time to the libgomp.so.1 torch already loaded: one team
+    "-fno-math-errno",
+    "-std=c++17",
+    "-shared",
+    "-fPIC",
+)
+BUILD_TIMEOUT_S = 120
+
+
+class DecodeRows:
+    """One step's decodes as the kernel reads them: each sequence's mirror row and number of
+    keys, as C arrays built once a step (every layer reuses them)."""
+
+    def __init__(self, rows: list[int], lens: list[int]) -> None:
+        if len(rows) != len(lens) or not rows:
+            raise ValueError(f"rows and lens must be one non-empty length, got {rows}, {lens}")
+        if min(rows) < 0 or min(lens) < 1:
+            raise ValueError(f"rows must be >= 0 and lens >= 1, got {rows}, {lens}")
+        self.num_seqs = len(rows)
+        self.max_row = max(rows)
+        self.max_len = max(lens)
+        self.rows = (ctypes.c_int64 * len(rows))(*rows)
+        self.lens = (ctypes.c_int64 * len(lens))(*lens)
+
+
+class DecodeAttentionKernel:
+    """The loaded library's entry point with its argument checks."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._run = library.kvt_decode_attention_f32
+        self._run.restype = ctypes.c_int
+        self._run.argtypes = [
+            *(ctypes.c_void_p,) * 6,
+            *(ctypes.c_int64,) * 7,
+            ctypes.c_float,
+            ctypes.c_int,
+        ]
+        self._supports = library.kvt_decode_attention_supports
+        self._supports.restype = ctypes.c_int
+        self._supports.argtypes = [ctypes.c_int64]
+
+    def supports(self, head_dim: int) -> bool:
+        """Whether the kernel is built for this head size."""
+        return bool(self._supports(head_dim))
+
+    def __call__(
+        self,
+        q: torch.Tensor,  # [B, Hq, D]
+        keys: torch.Tensor,  # [R, Hkv, capacity, D]
+        values: torch.Tensor,
+        rows: DecodeRows,
+        scale: float,
+    ) -> torch.Tensor:
+        _check(q, keys, values, rows)
+        batch, num_heads, head_dim = q.shape
+        num_kv_heads = keys.shape[1]
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        ran = self._run(
+            q.data_ptr(),
+            keys.data_ptr(),
+            values.data_ptr(),
+            ctypes.addressof(rows.rows),
+            ctypes.addressof(rows.lens),
+            out.data_ptr(),
+            batch,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            keys.stride(0),
+            keys.stride(1),
+            keys.stride(2),
+            scale,
+            torch.get_num_threads(),
+        )
+        if not ran:
+            raise ValueError(
+                f"the kernel is not built for head_dim {head_dim} (ask `supports` first)"
+            )
+        return out
+
+
+def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows) -> None:
+    """Everything the C code trusts: it reads memory by these shapes and strides unchecked."""
+    for name, tensor in (("q", q), ("keys", keys), ("values", values)):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            raise ValueError(
+                f"{name} must be float32 on the CPU, got {tensor.dtype} on {tensor.device}"
+            )
+    if q.dim() != 3 or keys.dim() != 4:
+        raise ValueError(
+            f"q must be [B, Hq, D] and keys [R, Hkv, capacity, D], got {tuple(q.shape)} "
+            f"and {tuple(keys.shape)}"
+        )
+    if values.shape != keys.shape or values.stride() != keys.stride():
+        raise ValueError(
+            f"values must have the keys' shape and strides, got {tuple(values.shape)} "
+            f"{values.stride()} and {tuple(keys.shape)} {keys.stride()}"
+        )
+    num_rows, num_kv_heads, capacity, head_dim = keys.shape
+    if keys.stride(3) != 1 or q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(
+            f"q {tuple(q.shape)} does not fit keys {tuple(keys.shape)} (strides {keys.stride()})"
+        )
+    if q.shape[0] != rows.num_seqs or rows.max_row >= num_rows or rows.max_len > capacity:
+        raise ValueError(
+            f"{rows.num_seqs} sequences up to row {rows.max_row} and {rows.max_len} keys do not "
+            f"fit q {tuple(q.shape)} and keys {tuple(keys.shape)}"
+        )
+
+
+@functools.cache
+def load_decode_attention() -> DecodeAttentionKernel | None:
+    """The kernel, built if this CPU and compiler have no build yet; None where it cannot be."""
+    try:
+        return DecodeAttentionKernel(ctypes.CDLL(str(_built_library())))
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
+        log.warning("CPU decode attention kernel unavailable, using torch's products: %s", exc)
+        return None
+
+
+def _built_library() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler (g++, or $CXX)")
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256()
+    for part in (source, " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()):
+        digest.update(part)
+    folder = Path(
+        os.environ.get("KVTHREADS_KERNEL_CACHE") or Path.home() / ".cache" / "kvthreads" / "kernels"
+    )
+    target = folder / f"cpu_decode_attention-{digest.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as scratch:
+        built = Path(scratch) / target.name
+        result = subprocess.run(
+            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT_S,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, target)
+    return target
+
+
+def _cpu_identity() -> str:
+    """The CPU's model name and feature flags (what -march=native compiles for)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return os.uname().machine
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(keep)))

@@ -1,0 +1,138 @@
+"""The CPU decode attention kernel (kernels/cpu_decode_attention.cpp) against the torch reference
+over the same rows: head sizes, query-head groups (more than one pass's 16 included), rows out of
+order, lengths from one key to the whole capacity, scores far apart; its argument checks; its
+build (cached, refused without a compiler); and the OpenMP runtime it runs on."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.engine.network.attention.cpu_backend import decode_attention
+from kernels import cpu_decode_attention
+from kernels.cpu_decode_attention import DecodeRows, load_decode_attention
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    built = load_decode_attention()
+    assert built is not None, "the kernel did not build (see the warning logged)"
+    return built
+
+
+def reference(q, keys, values, rows, lens, scale):
+    """torch's products over each sequence's own row."""
+    return torch.cat(
+        [
+            decode_attention(
+                q[b : b + 1], keys[r : r + 1, :, :n], values[r : r + 1, :, :n], None, scale
+            )
+            for b, (r, n) in enumerate(zip(rows, lens, strict=True))
+        ]
+    )
+
+
+def mirror_layer(num_rows, num_kv_heads, capacity, head_dim, seed):
+    gen = torch.Generator().manual_seed(seed)
+    both = torch.randn(2, num_rows, num_kv_heads, capacity, head_dim, generator=gen)
+    return both[0], both[1]
+
+
+@pytest.mark.parametrize("head_dim", [16, 32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("num_heads, num_kv_heads", [(12, 4), (4, 4), (8, 1), (40, 2)])
+def test_the_kernel_is_the_reference(kernel, head_dim, num_heads, num_kv_heads):
+    """Groups of 3, 1, 8 and 20 query heads per KV head (20: two passes over the keys)."""
+    keys, values = mirror_layer(5, num_kv_heads, 70, head_dim, seed=head_dim + num_heads)
+    rows, lens = [3, 0, 4, 1], [70, 1, 33, 64]  # out of order, one key, the whole capacity
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(len(rows), num_heads, head_dim, generator=gen)
+    scale = head_dim**-0.5
+    got = kernel(q, keys, values, DecodeRows(rows, lens), scale)
+    torch.testing.assert_close(
+        got, reference(q, keys, values, rows, lens, scale), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_scores_far_apart_and_long_rows(kernel):
+    """Scores hundreds apart (exp underflows to 0 for all but a few keys) and 3,000 keys."""
+    keys, values = mirror_layer(2, 2, 3000, 64, seed=7)
+    gen = torch.Generator().manual_seed(2)
+    q = 8 * torch.randn(2, 6, 64, generator=gen)
+    rows, lens = [1, 0], [3000, 2999]
+    got = kernel(q, keys, values, DecodeRows(rows, lens), 1.0)
+    torch.testing.assert_close(
+        got, reference(q, keys, values, rows, lens, 1.0), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_many_threads_each_row_once(kernel):
+    """More tasks than OpenMP threads, rows of every length: every output is its own row's."""
+    keys, values = mirror_layer(16, 4, 200, 64, seed=3)
+    rows = list(range(15, -1, -1))
+    lens = [1 + 13 * r for r in rows]
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(16, 12, 64, generator=gen)
+    got = kernel(q, keys, values, DecodeRows(rows, lens), 0.125)
+    torch.testing.assert_close(
+        got, reference(q, keys, values, rows, lens, 0.125), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_bad_arguments_are_refused_before_the_c_code_reads_them(kernel):
+    keys, values = mirror_layer(2, 2, 10, 64, seed=0)
+    q = torch.randn(1, 4, 64)
+    one = DecodeRows([1], [10])
+    with pytest.raises(ValueError, match="float32"):
+        kernel(q.double(), keys, values, one, 1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(q, keys, values, DecodeRows([2], [5]), 1.0)  # no row 2
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(q, keys, values, DecodeRows([0], [11]), 1.0)  # past the capacity
+    with pytest.raises(ValueError, match="do not fit"):
+        kernel(torch.randn(2, 4, 64), keys, values, one, 1.0)  # two queries, one sequence
+    with pytest.raises(ValueError, match="does not fit"):
+        kernel(torch.randn(1, 3, 64), keys, values, one, 1.0)  # 3 query heads over 2
+    with pytest.raises(ValueError, match="keys' shape and strides"):
+        kernel(q, keys, values[:, :, :5], one, 1.0)
+    with pytest.raises(ValueError, match="contiguous in D|does not fit"):
+        kernel(q, keys.transpose(2, 3), values.transpose(2, 3), one, 1.0)
+    with pytest.raises(ValueError, match="lens >= 1"):
+        DecodeRows([0], [0])
+    assert not kernel.supports(48)
+    odd_keys, odd_values = mirror_layer(1, 1, 4, 48, seed=0)
+    with pytest.raises(ValueError, match="not built for head_dim 48"):
+        kernel(torch.randn(1, 1, 48), odd_keys, odd_values, DecodeRows([0], [4]), 1.0)
+
+
+def test_one_openmp_runtime_in_the_process(kernel):
+    """The library's libgomp is torch's own (one thread team, not two spinning against each
+    other on the same cores)."""
+    mapped = {
+        line.split()[-1]
+        for line in Path("/proc/self/maps").read_text().splitlines()
+        if "libgomp" in line
+    }
+    assert len(mapped) == 1, mapped
+
+
+def test_the_build_is_cached_and_refused_without_a_compiler(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KVTHREADS_KERNEL_CACHE", str(tmp_path))
+    built = cpu_decode_attention._built_library()
+    assert built.parent == tmp_path and built.exists()
+    stamp = built.stat().st_mtime_ns
+    assert cpu_decode_attention._built_library() == built and built.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no scratch left behind
+
+    built.unlink()
+    monkeypatch.setenv("CXX", "/bin/false")
+    load_decode_attention.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger=cpu_decode_attention.__name__):
+            assert load_decode_attention() is None
+        assert "kernel unavailable" in caplog.text
+    finally:
+        load_decode_attention.cache_clear()
+    assert not built.exists()

@@ -23,7 +23,8 @@ token counts are printed). Every token decodes to one character, so the reply te
 back re-tokenizes to the very tokens it generated, and both histories grow alike.
 
 Measured per turn (client side): TTFT (request sent -> first token), decode tokens/s
-(output tokens / (total - TTFT)), the cached prompt tokens each server reports; for kvthreads
+(tokens after the first / first -> last token event), the gaps between token events, the cached
+prompt tokens each server reports; for kvthreads
 also the engine's own TTFT from its ledger (turn queued in the engine -> first token sampled),
 which tells the engine's part from the HTTP and database path's. Besides turn-20 / turn-5 it
 prints the mean of turns 18-20 over 4-6, less at the mercy of one noisy turn. JSON goes to
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -90,10 +92,23 @@ def build_conversations(
 
 
 def decode_rate(record: TurnRecord) -> float:
-    """Output tokens per second after the first token: output / (total - TTFT)."""
+    """Tokens per second after the first: (output - 1) / (last token - first token), as the
+    client saw the token events. Not (total - TTFT): kvthreads' last event follows the turn's
+    commit to Postgres, which is not decoding, and the first token is not one of the decoded.
+    Records without token times (older JSON) fall back to output / (total - TTFT)."""
+    times = record.token_times_s
+    if len(times) >= 2 and record.output_tokens >= 2:
+        span = times[-1] - times[0]
+        return (record.output_tokens - 1) / span if span > 0 else math.nan
     if record.ttft_s is None or record.total_s is None or record.total_s <= record.ttft_s:
         return math.nan
     return record.output_tokens / (record.total_s - record.ttft_s)
+
+
+def token_gaps(records: list[TurnRecord]) -> list[float]:
+    """Every gap between two token events of one reply (s): a decode step as the client sees it,
+    or a stall (another turn's prefill, the server busy elsewhere)."""
+    return [b - a for r in records for a, b in itertools.pairwise(r.token_times_s)]
 
 
 def _median(values: list[float]) -> float:
@@ -110,6 +125,7 @@ class PhaseSummary:
     ttft_by_turn: dict[int, float]  # turn -> median TTFT over conversations (s)
     ttft_late_median: float  # median over every turn >= LATE_TURN (s)
     decode_median: float  # median per-request decode tokens/s
+    gap_median: float  # median gap between two token events of a reply (s)
     aggregate_tokens_per_s: float  # all output tokens / the phase's wall time
     cached_by_turn: dict[int, float]  # turn -> median cached prompt tokens
     prompt_by_turn: dict[int, float]  # turn -> median prompt tokens
@@ -158,6 +174,7 @@ def summarize(
         ttft_by_turn=by_turn(lambda r: r.ttft_s if r.ttft_s is not None else math.nan),
         ttft_late_median=_median([r.ttft_s for r in ok if r.turn >= LATE_TURN and r.ttft_s]),
         decode_median=_median([decode_rate(r) for r in ok]),
+        gap_median=_median(token_gaps(ok)),
         aggregate_tokens_per_s=output / wall_s if wall_s > 0 else math.nan,
         cached_by_turn=by_turn(lambda r: r.cached_tokens),
         prompt_by_turn=by_turn(lambda r: r.input_tokens),
@@ -223,6 +240,7 @@ def format_report(summaries: list[PhaseSummary]) -> str:
         f"TTFT turns {LATE_TURN}+ ms",
         "turn20/turn5",
         "decode tok/s (median req)",
+        "token gap ms (median)",
         "aggregate tok/s",
         "output tokens",
         "errors",
@@ -235,6 +253,7 @@ def format_report(summaries: list[PhaseSummary]) -> str:
             _ms(s.ttft_late_median),
             _num(s.ttft_ratio(20, 5), 2),
             _num(s.decode_median),
+            _num(s.gap_median * 1000),
             _num(s.aggregate_tokens_per_s),
             str(s.output_tokens),
             str(s.errors),
@@ -497,8 +516,10 @@ class VllmSender:
                 chunk = json.loads(event.data)
                 for choice in chunk.get("choices") or []:
                     text = (choice.get("delta") or {}).get("content") or ""
+                    if text:
+                        record.token_times_s.append(time.perf_counter() - sent)
                     if text and record.ttft_s is None:
-                        record.ttft_s = time.perf_counter() - sent
+                        record.ttft_s = record.token_times_s[-1]
                     pieces.append(text)
                     record.finish_reason = choice.get("finish_reason") or record.finish_reason
                 usage = chunk.get("usage")

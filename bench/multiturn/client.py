@@ -147,5 +147,7 @@ class HttpSender:
             record.finish_reason = message.get("finish_reason", payload.get("finish_reason"))
             record.server = payload.get("timings", {}) or {}
             return
+        seen = time.perf_counter() - sent
+        record.token_times_s.append(seen)
         if record.ttft_s is None:  # the first token event, whatever text it completes
-            record.ttft_s = time.perf_counter() - sent
+            record.ttft_s = seen

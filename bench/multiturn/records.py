@@ -24,6 +24,7 @@ class TurnRecord:
     started_s: float = 0.0  # when the request was sent, seconds since the run started
     ttft_s: float | None = None  # request sent -> first generated token seen by the client
     total_s: float | None = None  # request sent -> last event (usage) received
+    token_times_s: list[float] = field(default_factory=list)  # request sent -> each token event
     input_tokens: int = 0
     cached_tokens: int = 0
     fresh_tokens: int = 0

@@ -15,6 +15,7 @@ from bench.peer_vllm import (
     format_report,
     summarize,
     thread_environment,
+    token_gaps,
 )
 
 
@@ -41,7 +42,14 @@ def test_conversations_are_seeded_and_fixed_shape():
     assert all(len(user_text(a[0], t)) == 60 for t in range(1, 21))
 
 
-def test_decode_rate_excludes_time_to_first_token():
+def test_decode_rate_is_between_the_first_and_the_last_token():
+    record = _record(0, 1, 0.5, 2.9, 0)
+    record.token_times_s = [0.5 + 0.05 * i for i in range(32)]  # then 0.85 s to the usage event
+    assert math.isclose(decode_rate(record), 20.0)
+    assert [round(g, 9) for g in token_gaps([record, _record(0, 2, 1, 2, 0)])] == [0.05] * 31
+
+
+def test_decode_rate_without_token_times_excludes_time_to_first_token():
     assert decode_rate(_record(0, 1, 0.5, 2.5, 0)) == 16.0
     assert math.isnan(decode_rate(_record(0, 1, 1.0, 1.0, 0)))
     assert math.isnan(decode_rate(TurnRecord(conversation=0, turn=1, user_tokens=1, max_tokens=1)))
@@ -65,7 +73,7 @@ def test_summary_medians_ratio_and_table():
     lines = text.splitlines()
     assert lines[2].startswith("| turn") and len(lines[2]) == len(lines[3])  # padded columns
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in lines if line.startswith("|")]
-    assert ["vllm", "1", "2", "125", "3.73", "32.2", "64.0", "1280", "0"] in cells
+    assert ["vllm", "1", "2", "125", "3.73", "32.2", "-", "64.0", "1280", "0"] in cells
 
 
 def test_chat_template_is_the_builtin_format():

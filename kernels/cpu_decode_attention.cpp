@@ -50,23 +50,83 @@ inline float exp_nonpositive(float x) {
 }
 
 constexpr int kMaxGroup = 16;  // query heads one pass over a KV head's keys serves
+constexpr int kBlock = 64;     // keys per block: a block of values (D <= 128) stays in L1
+// Rows fetched ahead of use. The hardware's prefetcher alone left the kernel at ~75% of the
+// rate `sum` reads the same bytes; 64 rows ahead measured 25-35% faster than none, 32 and 128
+// a little slower (4 rows x 2,000 keys x 12 layers, 2 threads).
+constexpr int kAhead = 64;
+
+inline void prefetch_row(const float* row, int dim) {
+    for (int c = 0; c < dim; c += 16) __builtin_prefetch(row + c);  // one 64-byte line each
+}
+
+// 16 floats: one AVX-512 register, two AVX2 ones (GCC splits it), as the CPU has.
+typedef float vec16 __attribute__((vector_size(64)));
+typedef float vec8 __attribute__((vector_size(32)));
+typedef float vec4 __attribute__((vector_size(16)));
+
+inline vec16 load16(const float* p) {
+    vec16 v;
+    memcpy(&v, p, sizeof v);  // an unaligned load
+    return v;
+}
+
+inline float sum16(vec16 v) {
+    vec8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+             __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    vec4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+// scores[g * len + l] = scale * q[g] . key[l] for the block's keys. Four keys at a time: four
+// independent sums per query (one sum alone would wait on each add's latency).
+template <int D>
+void block_scores(const float* q, const float* k, int64_t key_stride, int64_t first,
+                  int64_t count, int group, int64_t len, float scale, float* scores) {
+    constexpr int C = D / 16;
+    int64_t l = first;
+    for (; l + 4 <= first + count; l += 4) {
+        const float* k0 = k + l * key_stride;
+        for (int j = 0; j < 4 && l + kAhead + j < len; ++j)
+            prefetch_row(k0 + (kAhead + j) * key_stride, D);
+        for (int g = 0; g < group; ++g) {
+            const float* qg = q + g * D;
+            vec16 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+            for (int c = 0; c < C; ++c) {
+                const vec16 qc = load16(qg + 16 * c);
+                a0 += qc * load16(k0 + 16 * c);
+                a1 += qc * load16(k0 + key_stride + 16 * c);
+                a2 += qc * load16(k0 + 2 * key_stride + 16 * c);
+                a3 += qc * load16(k0 + 3 * key_stride + 16 * c);
+            }
+            float* s = scores + g * len + l;
+            s[0] = sum16(a0) * scale;
+            s[1] = sum16(a1) * scale;
+            s[2] = sum16(a2) * scale;
+            s[3] = sum16(a3) * scale;
+        }
+    }
+    for (; l < first + count; ++l) {
+        const float* key = k + l * key_stride;
+        for (int g = 0; g < group; ++g) {
+            vec16 a = {};
+            for (int c = 0; c < C; ++c) a += load16(q + g * D + 16 * c) * load16(key + 16 * c);
+            scores[g * len + l] = sum16(a) * scale;
+        }
+    }
+}
 
 // One (sequence, KV head): `group` (<= kMaxGroup) queries over `len` keys, each key and value
-// read once for all of them. scores: group * len floats.
+// read from memory once for all of them. scores: group * len floats.
 template <int D>
 void attend_head(const float* q, const float* k, const float* v, int64_t key_stride,
                  int64_t len, int group, float scale, float* scores, float* out) {
+    static_assert(D % 16 == 0, "head sizes are multiples of 16");
+    constexpr int C = D / 16;
     // Pass 1: every query's score against each key.
-    for (int64_t l = 0; l < len; ++l) {
-        const float* key = k + l * key_stride;
-        for (int g = 0; g < group; ++g) {
-            const float* qg = q + g * D;
-            float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-            for (int d = 0; d < D; ++d) dot += qg[d] * key[d];
-            scores[g * len + l] = dot * scale;
-        }
-    }
+    for (int64_t first = 0; first < len; first += kBlock)
+        block_scores<D>(q, k, key_stride, first, std::min<int64_t>(kBlock, len - first), group,
+                        len, scale, scores);
     // Softmax of each query's scores, in place; 1 / sum kept for the output.
     float inv_sum[kMaxGroup];
     for (int g = 0; g < group; ++g) {
@@ -82,20 +142,30 @@ void attend_head(const float* q, const float* k, const float* v, int64_t key_str
         }
         inv_sum[g] = 1.0f / sum;
     }
-    // Pass 2: the weighted sum of the values.
-    float acc[kMaxGroup][D];
-    for (int g = 0; g < group; ++g)
-        for (int d = 0; d < D; ++d) acc[g][d] = 0.0f;
-    for (int64_t l = 0; l < len; ++l) {
-        const float* value = v + l * key_stride;
+    // Pass 2: the weighted sum of the values, a block at a time: the first query brings the
+    // block's values into L1, the others find them there; each query's sum stays in registers
+    // through the block.
+    vec16 acc[kMaxGroup][C] = {};
+    for (int64_t first = 0; first < len; first += kBlock) {
+        const int64_t end = std::min<int64_t>(first + kBlock, len);
+        for (int64_t l = first + kAhead; l < std::min<int64_t>(end + kAhead, len); ++l)
+            prefetch_row(v + l * key_stride, D);
         for (int g = 0; g < group; ++g) {
-            const float p = scores[g * len + l];
-#pragma omp simd
-            for (int d = 0; d < D; ++d) acc[g][d] += p * value[d];
+            vec16 a[C];
+            for (int c = 0; c < C; ++c) a[c] = acc[g][c];
+            const float* p = scores + g * len;
+            for (int64_t l = first; l < end; ++l) {
+                const float* value = v + l * key_stride;
+                for (int c = 0; c < C; ++c) a[c] += p[l] * load16(value + 16 * c);
+            }
+            for (int c = 0; c < C; ++c) acc[g][c] = a[c];
         }
     }
     for (int g = 0; g < group; ++g)
-        for (int d = 0; d < D; ++d) out[g * D + d] = acc[g][d] * inv_sum[g];
+        for (int c = 0; c < C; ++c) {
+            const vec16 r = acc[g][c] * inv_sum[g];
+            memcpy(out + g * D + 16 * c, &r, sizeof r);
+        }
 }
 
 template <int D>

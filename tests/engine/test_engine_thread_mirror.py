@@ -278,19 +278,40 @@ def test_the_engine_through_the_mirror_gives_the_pools_logits(num_blocks):
         assert engines[0].kv.stats().evictions > 0
 
 
-def test_a_new_thread_takes_the_row_of_one_long_idle_instead_of_adding_one(monkeypatch):
+def test_new_threads_take_spare_rows_or_long_idle_ones_before_the_rows_grow(monkeypatch):
     from app.engine.network.attention import thread_mirror
 
     monkeypatch.setattr(thread_mirror, "IDLE_STEPS", 3)
-    pool = Pool()
+    spare = thread_mirror.SPARE_ROWS
+    pool = Pool(max_bytes=1 << 20)  # room for many rows
     mirror = pool.backend.mirror
-    pool.step([("a", 0, 5), ("b", 0, 5)])
-    pool.step([("c", 0, 5), ("b", 5, 1)])  # a idle for one step only: a row is added
-    assert mirror.num_rows == 3 and mirror.row_length("a") == 5
+    pool.step([("a", 0, 5), ("b", 0, 5)])  # rows for a and b, and some to spare
+    assert mirror.num_rows == 2 + spare
+    pool.step([("c", 0, 5), ("b", 5, 1)])  # a idle for one step only: c takes a spare row
+    assert mirror.row_length("a") == 5 and mirror.num_rows == 2 + spare
     for n in range(6, 9):
         pool.step([("b", n, 1), ("c", n - 1, 1)])
-    pool.step([("d", 0, 5), ("b", 9, 1)])  # a idle for 4 steps: d takes its row
-    assert mirror.num_rows == 3 and mirror.row_length("a") == 0 and mirror.row_length("d") == 5
+    pool.step([("d", 0, 5), ("b", 9, 1)])  # a idle for 4 steps: d takes its row, the lowest
+    assert mirror.row_length("a") == 0 and mirror.row_length("d") == 5
+    assert mirror.num_rows == 2 + spare
+    # Two new threads, one spare row left: the rows grow once, with rows to spare again.
+    pool.step([("e", 0, 5), ("f", 0, 5), ("b", 10, 1)])
+    grown = mirror.num_rows
+    assert grown == 2 + spare + 1 + spare
+    pool.step([("g", 0, 5), ("b", 11, 1)])
+    assert mirror.num_rows == grown
+
+
+def test_rows_to_spare_never_cut_the_capacity():
+    """Within a tight budget the rows grow only by the new threads: spare rows would have cut
+    the capacity the existing rows use."""
+    per_position = NUM_LAYERS * 2 * NUM_KV_HEADS * HEAD_DIM * 4
+    pool = Pool(max_bytes=per_position * 48)
+    mirror = pool.backend.mirror
+    pool.step([("a", 0, 9)])  # one row; spare rows would leave less than 24 positions each
+    pool.step([("b", 0, 9), ("a", 9, 1)])
+    assert mirror.num_rows == 2 and mirror.capacity == 24
+    assert mirror.row_length("a") == 10 and mirror.row_length("b") == 9
 
 
 def test_decodes_of_rows_past_the_first_read_their_own_range():

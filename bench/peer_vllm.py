@@ -13,6 +13,8 @@ the same two OpenMP threads. Both run for the whole benchmark and take turns: ea
 server, one concurrency) runs while the other server idles, and `--rounds` rounds alternate which
 goes first, so the two meet the shared machine's moods alike (its speed drifts by tens of percent
 over minutes; one server measured after the other compared those moods as much as the servers).
+A phase starts once the machine idles (`wait_for_quiet_machine`: vLLM spins a core for a second
+after its last request).
 
 The workload: conversations of 20 turns, ~60-token user messages, 32-token greedy replies, played
 one at a time and four at once. vLLM is driven as a stateless API is: each turn resends the whole
@@ -65,6 +67,9 @@ TCMALLOC = Path("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4")
 MODEL_NAME = "builtin-bench-random"
 LATE_TURN = 4  # "turns 4-20": where the history dwarfs the new message
 REQUEST_TIMEOUT_S = 600
+QUIET_BUSY = 0.10  # between phases: the machine counts as idle below this share busy ...
+QUIET_INTERVAL_S = 0.5  # ... over this long
+QUIET_LIMIT_S = 15.0  # and a phase starts after this long regardless
 VLLM_READY_TIMEOUT_S = 900  # the first start compiles for ~200 s
 
 
@@ -607,10 +612,37 @@ async def run_rounds(targets: list[Target], args) -> list[tuple[PhaseSummary, li
                         concurrency, args.turns, args.user_tokens, args.reply_tokens, seed
                     )
                     sender = target.make_sender(clients[target.server])
+                    await asyncio.to_thread(wait_for_quiet_machine)
                     records, wall = await play(sender, conversations)
                     summary = summarize(target.server, concurrency, records, wall, round_index)
                     out.append((summary, records))
         return out
+
+
+def machine_busy(interval_s: float) -> float:
+    """The share of the machine's CPU time busy over the next `interval_s` (/proc/stat)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total, idle = sample()
+    time.sleep(interval_s)
+    total2, idle2 = sample()
+    return 1.0 - (idle2 - idle) / max(1, total2 - total)
+
+
+def wait_for_quiet_machine(limit_s: float = QUIET_LIMIT_S) -> float:
+    """Wait until the machine idles (below QUIET_BUSY over QUIET_INTERVAL_S), at most limit_s;
+    the seconds waited. vLLM's engine keeps a core spinning for 1-1.5 s after its last request:
+    a phase that began at once shared the cores with it (kvthreads' first step after a vLLM
+    phase took ~0.9 s instead of ~50 ms)."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        if machine_busy(QUIET_INTERVAL_S) < QUIET_BUSY:
+            break
+    return time.perf_counter() - started
 
 
 @contextlib.contextmanager

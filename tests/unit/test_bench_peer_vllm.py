@@ -114,3 +114,15 @@ def test_both_servers_get_one_wait_policy_or_none():
     assert env == {"OMP_NUM_THREADS": "2", "PATH": "/bin"}  # each runtime's own
     apply_environment(env, thread_environment(3, "ACTIVE"))
     assert env == {"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "ACTIVE", "PATH": "/bin"}
+
+
+def test_a_phase_waits_for_the_machine_to_idle(monkeypatch):
+    import bench.peer_vllm as peer
+
+    assert 0.0 <= peer.machine_busy(0.05) <= 1.0  # read from /proc/stat
+    busy = iter([0.9, 0.6, 0.05, 0.9])
+    monkeypatch.setattr(peer, "machine_busy", lambda interval_s: next(busy))
+    peer.wait_for_quiet_machine(limit_s=10.0)
+    assert next(busy) == 0.9  # stopped at the first quiet sample
+    monkeypatch.setattr(peer, "machine_busy", lambda interval_s: 1.0)
+    assert peer.wait_for_quiet_machine(limit_s=0.0) < 0.5  # the limit holds

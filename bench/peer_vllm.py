@@ -26,11 +26,11 @@ back re-tokenizes to the very tokens it generated, and both histories grow alike
 
 Measured per turn (client side): TTFT (request sent -> first token), decode tokens/s
 (tokens after the first / first -> last token event), the gaps between token events, the cached
-prompt tokens each server reports; for kvthreads
-also the engine's own TTFT from its ledger (turn queued in the engine -> first token sampled),
-which tells the engine's part from the HTTP and database path's. Besides turn-20 / turn-5 it
-prints the mean of turns 18-20 over 4-6, less at the mercy of one noisy turn. JSON goes to
-bench/out/peer-vllm-<stamp>.json. Not part of `make test` (it installs ~1 GB and runs minutes).
+prompt tokens each server reports; for kvthreads also the engine's own TTFT from its ledger (turn
+queued in the engine -> first token sampled), which tells the engine's part from the HTTP and
+database path's. Besides turn-20 / turn-5 it prints the mean of turns 18-20 over 4-6, less at
+the mercy of one noisy turn. JSON goes to bench/out/peer-vllm-<stamp>.json. Not part of `make
+test` (it installs ~1 GB and runs minutes).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ namespace {
 
 // exp(x) for x <= 0 (scores minus their maximum), vectorizable: x = n ln2 + r with |r| <= ln2/2,
 // 2^n built in the exponent bits, exp(r) by its Taylor polynomial to degree 7 (relative error
-// below 2e-7, as float32's own rounding). Below -87 the result is 0 (expf's is a denormal).
+// below 2e-7, as float32's own rounding). Below -87 it gives exp(-87), 1.6e-38, where expf gives
+// a denormal or 0: nothing beside the largest score's weight of 1.
 inline float exp_nonpositive(float x) {
     x = x < -87.0f ? -87.0f : x;
     const float n = nearbyintf(x * 1.44269504088896341f);

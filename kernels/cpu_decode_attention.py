@@ -9,8 +9,9 @@ Sequence b reads the first lens[b] keys of row rows[b]; the reference is
 `app/engine/network/attention/cpu_backend.decode_attention` over those keys (the tests compare
 them). Why a kernel and how it splits the work: kernels/cpu_decode_attention.cpp.
 
-The build: g++ (or $CXX) with -O3 -march=native -fopenmp, about a second, into a cache folder
-($KVTHREADS_KERNEL_CACHE, else ~/.cache/kvthreads/kernels) under a name that hashes the source,
+The build: g++ (or $CXX) with -O3 -march=native -fopenmp, about a second, into the user's cache
+folder ($XDG_CACHE_HOME, else ~/.cache, then kvthreads/kernels; as torch keeps its extensions
+under ~/.cache/torch_extensions) under a name that hashes the source,
 the flags, the compiler and the CPU it was built on (-march=native code must not run on another
 CPU). Written to a temporary name and renamed, so concurrent processes never load half a file.
 A failed build is logged once and the caller keeps its torch path: the kernel is a speed-up, not
@@ -169,9 +170,8 @@ def _built_library() -> Path:
     digest = hashlib.sha256()
     for part in (source, " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()):
         digest.update(part)
-    folder = Path(
-        os.environ.get("KVTHREADS_KERNEL_CACHE") or Path.home() / ".cache" / "kvthreads" / "kernels"
-    )
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    folder = Path(cache) / "kvthreads" / "kernels"
     target = folder / f"cpu_decode_attention-{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target

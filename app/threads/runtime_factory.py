@@ -91,8 +91,6 @@ def build_runtime(settings: Settings) -> ModelRuntime:
 
     if settings.compile:  # compiled decode steps persist between runs (not a setting of ours)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "inductor"))
-    # The CPU decode attention kernel's build, beside them (kernels/cpu_decode_attention.py).
-    os.environ.setdefault("KVTHREADS_KERNEL_CACHE", str(settings.data_dir / "kernels"))
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)
     loaded = resolve_model(settings.model, settings.device, dtype, data_dir=settings.data_dir)
     plan = plan_for_model(

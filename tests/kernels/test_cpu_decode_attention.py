@@ -119,12 +119,13 @@ def test_one_openmp_runtime_in_the_process(kernel):
 
 
 def test_the_build_is_cached_and_refused_without_a_compiler(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("KVTHREADS_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     built = cpu_decode_attention._built_library()
-    assert built.parent == tmp_path and built.exists()
+    folder = tmp_path / "kvthreads" / "kernels"
+    assert built.parent == folder and built.exists()
     stamp = built.stat().st_mtime_ns
     assert cpu_decode_attention._built_library() == built and built.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no scratch left behind
+    assert [p.name for p in folder.iterdir()] == [built.name]  # no scratch left behind
 
     built.unlink()
     monkeypatch.setenv("CXX", "/bin/false")

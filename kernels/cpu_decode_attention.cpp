@@ -201,6 +201,39 @@ void decode_attention(const float* q, const float* keys, const float* values,
 
 extern "C" {
 
+// The step's writes that attention reads, in one call instead of a dozen torch operations per
+// layer: the new keys and values into their pool slots (a negative slot is padding, skipped),
+// then the positions the mirror's rows lack copied from the pool (thread_mirror.py decides
+// which: for a thread it already holds, just the new tokens).
+//
+//     key, value        [T, Hkv, D] (any token stride; each token's heads contiguous)
+//     pool_k, pool_v    [N * bs, Hkv, D] contiguous
+//     mirror_k/v        [R, Hkv, capacity, D] with row and head strides, contiguous in D
+void kvt_store_and_sync_f32(const float* key, const float* value, int64_t key_stride,
+                            int64_t value_stride, const int64_t* slots, int64_t num_tokens,
+                            float* pool_k, float* pool_v, const int64_t* copy_rows,
+                            const int64_t* copy_positions, const int64_t* copy_slots,
+                            int64_t num_copies, float* mirror_k, float* mirror_v,
+                            int64_t num_kv_heads, int64_t head_dim, int64_t row_stride,
+                            int64_t head_stride) {
+    const int64_t token_floats = num_kv_heads * head_dim;
+    const size_t head_bytes = static_cast<size_t>(head_dim) * sizeof(float);
+    for (int64_t t = 0; t < num_tokens; ++t) {
+        if (slots[t] < 0) continue;
+        memcpy(pool_k + slots[t] * token_floats, key + t * key_stride, head_bytes * num_kv_heads);
+        memcpy(pool_v + slots[t] * token_floats, value + t * value_stride,
+               head_bytes * num_kv_heads);
+    }
+    for (int64_t i = 0; i < num_copies; ++i) {
+        const int64_t from = copy_slots[i] * token_floats;
+        const int64_t to = copy_rows[i] * row_stride + copy_positions[i] * head_dim;
+        for (int64_t h = 0; h < num_kv_heads; ++h) {
+            memcpy(mirror_k + to + h * head_stride, pool_k + from + h * head_dim, head_bytes);
+            memcpy(mirror_v + to + h * head_stride, pool_v + from + h * head_dim, head_bytes);
+        }
+    }
+}
+
 // The head sizes it is built for; kvt_decode_attention_f32 returns 0 for any other, and the
 // caller takes another path.
 int kvt_decode_attention_supports(int64_t head_dim) {

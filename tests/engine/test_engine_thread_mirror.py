@@ -47,14 +47,17 @@ class Pool:
     """A CPU backend over a small pool whose contents a test writes as an engine step would,
     and a block allocator with generations."""
 
-    def __init__(self, max_bytes: int | None = None, head_dim: int = HEAD_DIM) -> None:
+    def __init__(
+        self, max_bytes: int | None = None, head_dim: int = HEAD_DIM, native: bool = True
+    ) -> None:
         # HEAD_DIM (8) is no head size the C++ decode kernel is built for: decodes take torch's
-        # products, whose paths these tests follow; 16 gives them to the kernel.
+        # products, whose paths these tests follow; 16 gives them to the kernel. `native`: the
+        # C++ library writes each layer's rows (else torch's copies do).
         self.head_dim = head_dim
         self.gen = torch.Generator().manual_seed(0)
         shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, head_dim)
         self.caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(NUM_LAYERS)]
-        self.backend = CPUBackend(self.caches)
+        self.backend = CPUBackend(self.caches, native_decode=native)
         if max_bytes is not None:
             self.backend.mirror.max_bytes = max_bytes
         self.generations = [0] * NUM_BLOCKS
@@ -128,8 +131,9 @@ class Pool:
         return outs
 
 
-def test_threads_turn_after_turn_copy_only_their_new_tokens():
-    pool = Pool()
+@pytest.mark.parametrize("native", [True, False])
+def test_threads_turn_after_turn_copy_only_their_new_tokens(native):
+    pool = Pool(native=native)
     pool.step([("a", 0, 9)])  # a first prefill
     for n in range(9, 12):
         pool.step([("a", n, 1)])  # decodes
@@ -170,8 +174,9 @@ def test_decodes_of_one_long_thread_among_short_ones_read_each_row_alone():
     assert pool.backend._decode_mask is not None
 
 
-def test_a_rolled_back_turn_is_copied_again_from_where_it_was_cut():
-    pool = Pool()
+@pytest.mark.parametrize("native", [True, False])
+def test_a_rolled_back_turn_is_copied_again_from_where_it_was_cut(native):
+    pool = Pool(native=native)
     pool.step([("a", 0, 10)])
     pool.step([("a", 10, 6)])  # a turn that is then rolled back: positions 10.. recomputed
     pool.step([("a", 10, 3)])  # cached 10: the row is current only up to there
@@ -180,10 +185,11 @@ def test_a_rolled_back_turn_is_copied_again_from_where_it_was_cut():
     assert pool.backend.mirror.row_length("a") == 14
 
 
-def test_a_block_reallocated_under_a_row_is_copied_again():
+@pytest.mark.parametrize("native", [True, False])
+def test_a_block_reallocated_under_a_row_is_copied_again(native):
     """The thread's KV moved down a tier and came back in other blocks, or the same block ids
     handed out again: the row is current only up to the first block that is not the same."""
-    pool = Pool()
+    pool = Pool(native=native)
     pool.step([("a", 0, 10)])
     pool.step([("a", 10, 1)])
     table = pool.tables["a"]
@@ -206,8 +212,9 @@ def test_a_block_reallocated_under_a_row_is_copied_again():
     assert pool.copied[-1] == 13
 
 
-def test_a_step_that_failed_half_way_leaves_rows_that_are_copied_again():
-    pool = Pool()
+@pytest.mark.parametrize("native", [True, False])
+def test_a_step_that_failed_half_way_leaves_rows_that_are_copied_again(native):
+    pool = Pool(native=native)
     pool.step([("a", 0, 9)])
     pool.step([("a", 9, 4), ("b", 0, 5)], finish=False, layers=1)  # failed after layer 0
     pool.step([("a", 9, 4), ("b", 0, 5)])  # the retry: a from its old length, b from scratch

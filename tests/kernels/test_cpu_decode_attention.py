@@ -137,3 +137,66 @@ def test_the_build_is_cached_and_refused_without_a_compiler(tmp_path, monkeypatc
     finally:
         load_decode_attention.cache_clear()
     assert not built.exists()
+
+
+def test_store_and_sync_is_store_kv_then_the_mirror_copy(kernel):
+    """The step's new tokens into their pool slots (padding skipped, keys a strided view as the
+    model's split leaves them), then the listed positions copied into the mirror's rows: the
+    same pool and mirror as kernels/store_kv_ref.py followed by MirrorStep.sync_layer's copy."""
+    from kernels.store_kv_ref import store_kv_ref
+
+    gen = torch.Generator().manual_seed(5)
+    num_blocks, block_size, num_kv_heads, head_dim = 6, 4, 2, 8
+    pool = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    mirror = torch.randn(2, 3, num_kv_heads, 10, head_dim, generator=gen)
+    fused = torch.randn(3, 4 * num_kv_heads, head_dim, generator=gen)  # keys sit in a wider row
+    key, value = fused[:, :num_kv_heads], fused[:, 2 * num_kv_heads : 3 * num_kv_heads]
+    slots = torch.tensor([5, -1, 17])  # the second token is padding
+    copy_rows, copy_positions = torch.tensor([2, 0, 0]), torch.tensor([9, 0, 3])
+    copy_slots = torch.tensor([17, 5, 2])  # two of this step's tokens, one older position
+    want_pool, want_mirror = pool.clone(), mirror.clone()
+    store_kv_ref(key, value, want_pool[0], want_pool[1], slots)
+    for i in range(2):
+        new = want_pool[i].flatten(0, 1).index_select(0, copy_slots)
+        want_mirror[i][copy_rows, :, copy_positions] = new
+    writes = cpu_decode_attention.StepWrites(
+        slots, copy_rows, copy_positions, copy_slots, num_slots=24, num_rows=3, capacity=10
+    )
+    kernel.store_and_sync(key, value, pool[0], pool[1], writes, mirror[0], mirror[1])
+    assert torch.equal(pool, want_pool) and torch.equal(mirror, want_mirror)
+    # Nothing to store (the tokens already in the pool): the copies alone.
+    mirror2 = torch.zeros_like(mirror)
+    kernel.store_and_sync(None, None, pool[0], pool[1], writes, mirror2[0], mirror2[1])
+    assert torch.equal(mirror2[:, 2, :, 9], want_pool[:, 4, 1])  # slot 17: block 4, offset 1
+
+
+def test_step_writes_out_of_range_are_refused(kernel):
+    ok = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="past 23"):
+        cpu_decode_attention.StepWrites(
+            torch.tensor([24]), ok, ok, ok, num_slots=24, num_rows=3, capacity=10
+        )
+    with pytest.raises(ValueError, match="past 2"):
+        cpu_decode_attention.StepWrites(
+            ok, torch.tensor([0, 3]), ok, ok, num_slots=24, num_rows=3, capacity=10
+        )
+    with pytest.raises(ValueError, match="negative row or position"):
+        cpu_decode_attention.StepWrites(
+            ok, ok, torch.tensor([0, -1]), ok, num_slots=24, num_rows=3, capacity=10
+        )
+    with pytest.raises(ValueError, match="negative slot"):
+        cpu_decode_attention.StepWrites(
+            ok, ok, ok, torch.tensor([-1, 0]), num_slots=24, num_rows=3, capacity=10
+        )
+    with pytest.raises(ValueError, match="int64"):
+        cpu_decode_attention.StepWrites(ok.int(), ok, ok, ok, num_slots=24, num_rows=3, capacity=10)
+    writes = cpu_decode_attention.StepWrites(ok, ok, ok, ok, num_slots=24, num_rows=3, capacity=10)
+    pool = torch.zeros(6, 4, 2, 8)
+    mirror = torch.zeros(3, 2, 10, 8)
+    with pytest.raises(ValueError, match="do not fit the step's slots"):
+        kernel.store_and_sync(None, None, pool[:5], pool[:5], writes, mirror, mirror)
+    with pytest.raises(ValueError, match="mirror_k must be float32"):
+        kernel.store_and_sync(None, None, pool, pool, writes, mirror[:2], mirror[:2])
+    with pytest.raises(ValueError, match="each token's heads contiguous"):
+        key = torch.zeros(2, 8, 2).transpose(1, 2)  # heads not contiguous
+        kernel.store_and_sync(key, key, pool, pool, writes, mirror, mirror)

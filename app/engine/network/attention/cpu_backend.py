@@ -5,7 +5,10 @@ Stores with kernels/store_kv_ref.py. Attends, per step, by one of three paths, c
 
     the engine's steps (it says whose KV each sequence is, `owners`), within the mirror's memory:
         the thread mirror (thread_mirror.py) brings every row of the step up to date, copying
-        only what it lacks (the step's new tokens, for a thread it already holds), then
+        only what it lacks (the step's new tokens, for a thread it already holds); with the C++
+        library (float32) the pool's new tokens and the rows' copies are one call per layer
+        (kernels/cpu_decode_attention.py `store_and_sync`, in forward: store_kv keeps them),
+        else store_kv_ref and MirrorStep.sync_layer; then
             decodes (float32): each reads its own row's keys     -> kernels/cpu_decode_attention
             a step of decodes otherwise: one batched product over the rows -> decode_attention
             (unless padding to the longest would read more than twice the real keys)
@@ -29,7 +32,12 @@ from app.engine.network.attention.base import (
 )
 from app.engine.network.attention.row_attention import row_attention, row_attention_mask
 from app.engine.network.attention.thread_mirror import MirrorStep, ThreadMirror
-from kernels.cpu_decode_attention import DecodeAttentionKernel, DecodeRows, load_decode_attention
+from kernels.cpu_decode_attention import (
+    DecodeAttentionKernel,
+    DecodeRows,
+    StepWrites,
+    load_decode_attention,
+)
 from kernels.paged_attention_ref import chunk_masks, paged_attention_ref
 from kernels.store_kv_ref import store_kv_ref
 
@@ -40,19 +48,22 @@ class CPUBackend(AttentionBackend):
     def __init__(self, kv_caches: KVCaches, *, native_decode: bool = True) -> None:
         self._like = kv_caches[0][0]  # a layer's cache: dtype, device, block size, Hkv, D
         self.block_size = self._like.shape[1]
-        # Decodes through the mirror read their rows with the C++ kernel where it is built for
-        # this CPU and head size (float32 on the CPU); None: torch's batched products.
-        self.decode_kernel: DecodeAttentionKernel | None = None
+        # The C++ library (float32 on the CPU, where it builds): a mirror step's writes (the
+        # pool's new tokens, the rows' missing positions) in one call per layer; and decodes
+        # reading their rows, where it is built for the head size. None: torch's operations.
+        self.native: DecodeAttentionKernel | None = None
         if native_decode and self._like.device.type == "cpu" and self._like.dtype == torch.float32:
-            kernel = load_decode_attention()
-            if kernel is not None and kernel.supports(self._like.shape[-1]):
-                self.decode_kernel = kernel
+            self.native = load_decode_attention()
+        self.decode_kernel: DecodeAttentionKernel | None = None
+        if self.native is not None and self.native.supports(self._like.shape[-1]):
+            self.decode_kernel = self.native
         # At most the pool's own size: the running threads' keys, with headroom.
         pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
         self.mirror = ThreadMirror(len(kv_caches), max_bytes=pool_bytes)
         # This step's: the metadata's values on the host, and the chosen path's extras.
         self._cu_seqlens_q: list[int] = [0]
         self._seq_lens: list[int] = []
+        self._slot_mapping: torch.Tensor | None = None
         self.mirror_step: MirrorStep | None = None  # a step through the mirror
         self._row_index: torch.Tensor | None = None  # [B] int64, each sequence's row
         self._num_keys = 0  # a decode step through the mirror: keys read per row
@@ -60,6 +71,10 @@ class CPUBackend(AttentionBackend):
         # also has prefill chunks) their positions in the step's queries.
         self._native_rows: DecodeRows | None = None
         self._native_index: torch.Tensor | None = None
+        # A mirror step's writes by the library: what to write, and the layer's new keys and
+        # values, kept by store_kv for forward (which knows the layer).
+        self._writes: StepWrites | None = None
+        self._new_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         # A chunk step: per sequence, its row_attention_mask (built by the first layer, which
         # knows the query heads).
         self._row_masks: list[torch.Tensor | None] | None = None
@@ -78,8 +93,10 @@ class CPUBackend(AttentionBackend):
         owners: StepOwners | None = None,
     ) -> None:
         self._cu_seqlens_q, self._seq_lens = cu_seqlens_q, seq_lens
+        self._slot_mapping = meta.slot_mapping
         self.mirror_step = self._row_index = self._decode_blocks = self._decode_mask = None
         self._chunk_masks = self._row_masks = self._native_rows = self._native_index = None
+        self._writes = self._new_kv = None
         decodes_only = meta.max_seqlen_q == 1
         if owners is not None and self._prepare_mirror(owners, decodes_only):
             return
@@ -111,6 +128,21 @@ class CPUBackend(AttentionBackend):
             return False
         self.mirror_step = step
         device = self._like.device
+        if (
+            self.native is not None
+            and self._slot_mapping is not None
+            and self._like.is_contiguous()
+        ):
+            num_rows, _, capacity, _ = self.mirror.layer(0)[0].shape
+            self._writes = StepWrites(
+                self._slot_mapping,
+                step.copy_rows,
+                step.copy_positions,
+                step.copy_slots,
+                num_slots=self._like.shape[0] * self._like.shape[1],
+                num_rows=num_rows,
+                capacity=capacity,
+            )
         if self.decode_kernel is not None:
             decodes = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
             if decodes:
@@ -149,6 +181,9 @@ class CPUBackend(AttentionBackend):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None:
+        if self._writes is not None:  # written with the mirror's rows, in forward
+            self._new_kv = (key, value)
+            return
         store_kv_ref(key, value, k_cache, v_cache, meta.slot_mapping)
 
     def forward(
@@ -162,7 +197,15 @@ class CPUBackend(AttentionBackend):
     ) -> torch.Tensor:
         step = self.mirror_step
         if step is not None:
-            keys, values = step.sync_layer(layer, k_cache, v_cache)  # [R, Hkv, capacity, D]
+            if self._writes is not None and self.native is not None:
+                keys, values = self.mirror.layer(layer)  # [R, Hkv, capacity, D]
+                new_key, new_value = self._new_kv or (None, None)
+                self._new_kv = None
+                self.native.store_and_sync(
+                    new_key, new_value, k_cache, v_cache, self._writes, keys, values
+                )
+            else:
+                keys, values = step.sync_layer(layer, k_cache, v_cache)
             if self._native_rows is not None and self._native_index is None:  # decodes only
                 assert self.decode_kernel is not None
                 return self.decode_kernel(q, keys, values, self._native_rows, scale)

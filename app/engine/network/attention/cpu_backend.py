@@ -57,13 +57,16 @@ class CPUBackend(AttentionBackend):
         self.decode_kernel: DecodeAttentionKernel | None = None
         if self.native is not None and self.native.supports(self._like.shape[-1]):
             self.decode_kernel = self.native
+        # store_and_sync writes the pool by slot offsets: every layer's pool contiguous.
+        self._writes_natively = self.native is not None and all(
+            t.is_contiguous() for pair in kv_caches for t in pair
+        )
         # At most the pool's own size: the running threads' keys, with headroom.
         pool_bytes = sum(t.numel() * t.element_size() for pair in kv_caches for t in pair)
         self.mirror = ThreadMirror(len(kv_caches), max_bytes=pool_bytes)
         # This step's: the metadata's values on the host, and the chosen path's extras.
         self._cu_seqlens_q: list[int] = [0]
         self._seq_lens: list[int] = []
-        self._slot_mapping: torch.Tensor | None = None
         self.mirror_step: MirrorStep | None = None  # a step through the mirror
         self._row_index: torch.Tensor | None = None  # [B] int64, each sequence's row
         self._num_keys = 0  # a decode step through the mirror: keys read per row
@@ -93,12 +96,11 @@ class CPUBackend(AttentionBackend):
         owners: StepOwners | None = None,
     ) -> None:
         self._cu_seqlens_q, self._seq_lens = cu_seqlens_q, seq_lens
-        self._slot_mapping = meta.slot_mapping
         self.mirror_step = self._row_index = self._decode_blocks = self._decode_mask = None
         self._chunk_masks = self._row_masks = self._native_rows = self._native_index = None
         self._writes = self._new_kv = None
         decodes_only = meta.max_seqlen_q == 1
-        if owners is not None and self._prepare_mirror(owners, decodes_only):
+        if owners is not None and self._prepare_mirror(owners, meta.slot_mapping, decodes_only):
             return
         # Decodes only: one padded attention for the batch, unless padding to the longest table
         # would read more than twice the real keys (one long thread among short ones); then the
@@ -111,7 +113,9 @@ class CPUBackend(AttentionBackend):
         self._decode_blocks = meta.block_tables.long()
         self._decode_mask = decode_key_mask(meta.seq_lens, max_blocks * bs)
 
-    def _prepare_mirror(self, owners: StepOwners, decodes_only: bool) -> bool:
+    def _prepare_mirror(
+        self, owners: StepOwners, slot_mapping: torch.Tensor, decodes_only: bool
+    ) -> bool:
         """Plan the step through the mirror; False when it does not fit there."""
         cu, lens = self._cu_seqlens_q, self._seq_lens
         cached = [lens[b] - (cu[b + 1] - cu[b]) for b in range(len(lens))]
@@ -128,14 +132,10 @@ class CPUBackend(AttentionBackend):
             return False
         self.mirror_step = step
         device = self._like.device
-        if (
-            self.native is not None
-            and self._slot_mapping is not None
-            and self._like.is_contiguous()
-        ):
+        if self._writes_natively:
             num_rows, _, capacity, _ = self.mirror.layer(0)[0].shape
             self._writes = StepWrites(
-                self._slot_mapping,
+                slot_mapping,
                 step.copy_rows,
                 step.copy_positions,
                 step.copy_slots,

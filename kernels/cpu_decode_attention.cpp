@@ -15,8 +15,8 @@
 // head) streams its own keys once, then its values once, with the scores in a buffer that stays
 // in cache between the two passes.
 //
-// Built and loaded by kernels/cpu_decode_attention.py (plain C ABI through ctypes: no torch
-// headers, a one-second build). OpenMP resolves to the libgomp torch has already loaded, so the
+// Built into the CPU library (kernels/cpu_library.py), called through ctypes and by the fused
+// decode layers (cpu_decode_layers.cpp). OpenMP resolves to the libgomp torch has already loaded, so the
 // tasks run on the calling thread's OpenMP team, the one torch's own operators use.
 
 #include <math.h>
@@ -25,6 +25,8 @@
 
 #include <algorithm>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace {
 

@@ -15,41 +15,18 @@ pool slots, then the positions the rows lack copied from the pool (`StepWrites`,
 step). As torch operations (store_kv_ref, then MirrorStep.sync_layer, the reference) those were a
 dozen dispatches per layer; one call made decode steps ~2.7% faster (batch 1 and 4, 1,500 tokens).
 
-The build: g++ (or $CXX) with -O3 -march=native -fopenmp, about a second, into the user's cache
-folder ($XDG_CACHE_HOME, else ~/.cache, then kvthreads/kernels; as torch keeps its extensions
-under ~/.cache/torch_extensions) under a name that hashes the source, the flags, the compiler
-and the CPU it was built on (-march=native code must not run on another CPU). Written to a temporary name and renamed, so concurrent processes never load half a file.
-A failed build is logged once and the caller keeps its torch path: the kernel is a speed-up, not
-a requirement.
+Built with the rest of the CPU library (kernels/cpu_library.py); where it cannot be built,
+`load_decode_attention` logs why and returns None, and callers keep torch's products.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
-log = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_suffix(".cpp")
-FLAGS = (
-    "-O3",
-    "-march=native",
-    "-fopenmp",  # resolves at load time to the libgomp.so.1 torch already loaded: one team
-    "-fno-math-errno",
-    "-std=c++17",
-    "-shared",
-    "-fPIC",
-)
-BUILD_TIMEOUT_S = 120
+from kernels.cpu_library import load_cpu_library
 
 
 class DecodeRows:
@@ -264,50 +241,6 @@ def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: Deco
 
 @functools.cache
 def load_decode_attention() -> DecodeAttentionKernel | None:
-    """The kernel, built if this CPU and compiler have no build yet; None where it cannot be."""
-    try:
-        return DecodeAttentionKernel(ctypes.CDLL(str(_built_library())))
-    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:
-        log.warning("CPU decode attention kernel unavailable, using torch's products: %s", exc)
-        return None
-
-
-def _built_library() -> Path:
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        raise RuntimeError("no C++ compiler (g++, or $CXX)")
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=True, timeout=30
-    ).stdout
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256()
-    for part in (source, " ".join(FLAGS).encode(), version.encode(), _cpu_identity().encode()):
-        digest.update(part)
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    folder = Path(cache) / "kvthreads" / "kernels"
-    target = folder / f"cpu_decode_attention-{digest.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        built = Path(scratch) / target.name
-        result = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", str(built)],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT_S,
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
-    return target
-
-
-def _cpu_identity() -> str:
-    """The CPU's model name and feature flags (what -march=native compiles for)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return os.uname().machine
-    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(keep)))
+    """The kernel, from the CPU library; None where that could not be built."""
+    library = load_cpu_library()
+    return None if library is None else DecodeAttentionKernel(library)

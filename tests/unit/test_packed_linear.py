@@ -1,4 +1,5 @@
-"""LinearGroup: one prepacked GEMM gives what the separate linears give, and never a stale weight."""
+"""LinearGroup: one prepacked GEMM (the CPU library's layout, or oneDNN's) gives what the separate
+linears give, and never a stale weight."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 from app.engine.network.packed_linear import SMALL_BATCH, LinearGroup, can_pack
+from kernels.cpu_library import load_cpu_library
 
 pytestmark = pytest.mark.skipif(
     not can_pack(torch.empty(1)), reason="this torch build has no oneDNN prepacking"
@@ -22,7 +24,8 @@ def plain(group: LinearGroup, x: torch.Tensor) -> list[torch.Tensor]:
     return [linear(x) for linear in group.linears]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8, 67])
+@pytest.mark.parametrize("native", [True, False], ids=["library", "onednn"])
+@pytest.mark.parametrize("rows", [1, 3, 5, 8, 13, 67, 100])
 @pytest.mark.parametrize(
     "shapes",
     [
@@ -30,14 +33,18 @@ def plain(group: LinearGroup, x: torch.Tensor) -> list[torch.Tensor]:
         [(48, 48, True), (48, 16, True), (48, 16, True)],  # Qwen2: biases
         [(48, 40, True), (48, 24, False)],  # a bias on one member only
         [(96, 17, False)],  # one linear, odd width
+        [(40, 130, True)],  # three blocks of 64 outputs, the last two wide
     ],
 )
-def test_packed_group_matches_separate_linears(shapes, rows):
+def test_packed_group_matches_separate_linears(shapes, rows, native):
+    if native and load_cpu_library() is None:
+        pytest.skip("the CPU library did not build")
     group = LinearGroup(*linears(*shapes))
     x = torch.randn(rows, shapes[0][0])
     with torch.inference_mode():
         expected = plain(group, x)
-        assert group.pack() and group.is_packed
+        assert group.pack(native=native) and group.is_packed
+        assert (group.native is not None) == native
         got = group(x)
     assert [t.shape for t in got] == [t.shape for t in expected]
     for g, e in zip(got, expected, strict=True):
@@ -84,11 +91,12 @@ def test_packing_does_not_apply_outside_float32_on_the_cpu():
 
 @pytest.mark.parametrize("rows", [1, 8, SMALL_BATCH])
 @pytest.mark.parametrize("bias", [False, True])
-def test_transposed_gives_the_outputs_feature_major(rows, bias):
+@pytest.mark.parametrize("native", [True, False], ids=["library", "onednn"])
+def test_transposed_gives_the_outputs_feature_major(rows, bias, native):
     group = LinearGroup(*linears((48, 40, bias), (48, 24, bias)))
     x = torch.randn(rows, 48)
     expected = torch.cat(plain(group, x), dim=1).t()
-    assert group.pack()
+    assert group.pack(native=native)
     torch.testing.assert_close(group.transposed(x), expected, rtol=0, atol=1e-5)
     # The MLP hands the down projection a transposed view: strides must not matter.
     x_view = x.t().contiguous().t()

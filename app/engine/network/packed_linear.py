@@ -1,21 +1,23 @@
 """Linears that read the same input, run as one GEMM over weights prepacked for the CPU.
 
-Why: a decode step multiplies a handful of rows (one per sequence) by every weight matrix. On this
-project's CPUs (AMD EPYC, AVX2) the BLAS behind `F.linear` runs such thin products at half the
-speed of reading the weights once; oneDNN's matmul over a weight reordered ahead of time into its
-blocked layout runs them at memory speed (83M-parameter model, 8 rows: 30 ms for every linear of a
-step instead of 60; the same speed at 1 row and for long prefills). Packing the q/k/v projections
-(and gate/up) as one matrix also makes one call of three.
+Why: a decode step multiplies a handful of rows (one per sequence) by every weight matrix, so its
+time is the weights read once. On this project's CPUs (AMD EPYC) the BLAS behind `F.linear` runs
+such thin products at half that speed (and prefills at a third of it). A weight copied once into
+a layout made for streaming reads at memory speed: kvthreads' own kernel (kernels/cpu_linear.cpp,
+float32 where the CPU library builds: 1-8% faster than oneDNN at 1-300 rows, measured there), or
+else oneDNN's matmul over a weight reordered into its blocked layout. Packing q/k/v (and
+gate/up) as one matrix also makes one call of three, and gives the fused decode layers
+(kernels/cpu_decode_layers.py) one weight per product.
 
     group = LinearGroup(q_proj, k_proj, v_proj)
     q, k, v = group(x)          # three F.linear calls, or one packed GEMM split three ways
-    group.pack()                # the engine does this once: oneDNN for a float32 model on
-                                # the CPU, one concatenated weight elsewhere (CUDA, bf16)
+    group.pack()                # the engine does this once: the library's layout (else
+                                # oneDNN's) for a float32 model on the CPU, one concatenated
+                                # weight elsewhere (CUDA, bf16)
     y_t = group.transposed(x)   # a few rows: (x W^T)^T = W x^T, [sum of out_features, rows]
 
 Under `torch.compile` (the compiled decode step, compiled_step.py) the group is called through
-the opaque op `kvthreads::packed_linear` by a handle: inductor cannot lower oneDNN's packed weights
-itself, and the staleness check (ids, pointers, versions) is done once a step outside the graph.
+the opaque op `kvthreads::packed_linear` by a handle: inductor cannot lower packed weights itself, and the staleness check (ids, pointers, versions) is done once a step outside the graph.
 
 `transposed` streams the weight as it is, with the few rows as the small operand (up to SMALL_BATCH
 rows; output feature-major). It measured 5-17% faster per product at 8 rows on an earlier run, but
@@ -23,7 +25,7 @@ slower than the packed product at 1-8 rows on the CPUs of the speed issue (2 cor
 EPYC, torch 2.13: 22-30 GB/s against 35-38 GB/s at one row, whole decode steps 1.2-1.9x slower),
 so the model no longer calls it; it stays for CPUs where it wins.
 
-Where oneDNN packing does not apply (CUDA, other dtypes), `pack` still fuses a group of several
+Where packing does not apply (CUDA, other dtypes), `pack` still fuses a group of several
 linears: their weights become views of one torch.cat'd matrix (and biases one vector), and the
 group runs one `F.linear` over it and splits the output (`is_fused`): one GEMM launch instead of
 three for q/k/v, two for gate/up, and no extra memory.
@@ -44,16 +46,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.cpu_library import load_cpu_library
+from kernels.cpu_linear import PackedLinear
+
 SMALL_BATCH = 16  # rows up to which `transposed` beats the packed product (measured: 1-16 rows)
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether oneDNN prepacking applies: a float32 weight on a CPU build with oneDNN."""
+    """Whether packing applies: a float32 weight on the CPU, with the CPU library or oneDNN."""
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
-        and torch.backends.mkldnn.is_available()
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and (load_cpu_library() is not None or _has_onednn())
+    )
+
+
+def _has_onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(
+        torch.ops.mkldnn, "_reorder_linear_weight"
     )
 
 
@@ -99,6 +109,8 @@ class LinearGroup:
         self.handle = next(_HANDLES)  # kvthreads::packed_linear's name for it
         _GROUPS[self.handle] = self
         self._weight: torch.Tensor | None = None  # the members' weights as one matrix
+        # Packed: by the CPU library (`native`), or for oneDNN (weight, bias); one at a time.
+        self.native: PackedLinear | None = None
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # plain weight, bias
         # The sources' fingerprint when packed or fused (one of the two at a time).
@@ -107,9 +119,11 @@ class LinearGroup:
     @property
     def is_packed(self) -> bool:
         """Packed, and every source weight and bias unchanged since."""
-        return (
-            self._packed is not None and _fingerprint(_sources(self.linears)) == self._packed_from
-        )
+        return self._has_packed and _fingerprint(_sources(self.linears)) == self._packed_from
+
+    @property
+    def _has_packed(self) -> bool:
+        return self.native is not None or self._packed is not None
 
     @property
     def is_fused(self) -> bool:
@@ -120,23 +134,30 @@ class LinearGroup:
     def is_stale(self) -> bool:
         """Packed or fused once, but a source weight or bias changed since (plain linears serve
         until packed again)."""
-        if self._packed is None and self._fused is None:
+        if not self._has_packed and self._fused is None:
             return False
         return _fingerprint(_sources(self.linears)) != self._packed_from
 
-    def pack(self) -> bool:
-        """Prepack the group's weights (and biases) as one oneDNN matrix; False where that does
-        not apply, and the group is fused into one plain weight instead (several linears)."""
-        if self.is_packed:
+    def pack(self, *, native: bool = True) -> bool:
+        """Prepack the group's weights (and biases) as one matrix: in the CPU library's layout
+        where it is built (unless `native` is False), else oneDNN's. False where neither
+        applies, and the group is fused into one plain weight instead (several linears)."""
+        library = load_cpu_library() if native else None
+        if self.is_packed and (self.native is not None) == (library is not None):
             return True
-        if not all(can_pack(linear.weight) for linear in self.linears):
+        self.unpack()
+        if not all(can_pack(linear.weight) for linear in self.linears) or (
+            library is None and not _has_onednn()
+        ):
             self.fuse()
             return False
         weight, bias = self._concatenate()
-        with torch.inference_mode(False), torch.no_grad():
-            packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        if library is not None:
+            self.native = PackedLinear.pack(library, weight, bias)
+        else:
+            with torch.inference_mode(False), torch.no_grad():
+                self._packed = (torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
         self._weight = weight
-        self._packed = (packed_weight, bias)
         self._packed_from = _fingerprint(_sources(self.linears))
         return True
 
@@ -154,6 +175,7 @@ class LinearGroup:
 
     def unpack(self) -> None:
         self._weight = None
+        self.native = None
         self._packed = None
         self._fused = None
         self._packed_from = []
@@ -189,7 +211,7 @@ class LinearGroup:
         """W x^T for x [rows, in] (any strides): [sum of out_features, rows], feature-major.
         None unless packed and rows <= SMALL_BATCH: the caller then uses `group(x)`."""
         if torch.compiler.is_compiling():  # packed: checked before the compiled step runs
-            if x.shape[0] > SMALL_BATCH or self._packed is None:
+            if x.shape[0] > SMALL_BATCH or not self._has_packed:
                 return None
             return torch.ops.kvthreads.packed_linear(x, self.handle, True)
         if x.shape[0] > SMALL_BATCH or not self.is_packed:
@@ -198,7 +220,7 @@ class LinearGroup:
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         if torch.compiler.is_compiling():  # packed or fused: checked before the step runs
-            if self._packed is not None:
+            if self._has_packed:
                 out = torch.ops.kvthreads.packed_linear(x, self.handle, False)
             elif self._fused is not None:
                 out = F.linear(x, *self._fused)
@@ -215,10 +237,16 @@ class LinearGroup:
         return list(out.split(self.out_features, dim=-1))
 
     def _packed_product(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native is not None:
+            if x.dim() == 2:
+                return self.native(x)
+            return self.native(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         weight, bias = self._packed
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     def _transposed_product(self, x: torch.Tensor) -> torch.Tensor:
         out_t = torch.ops.mkldnn._linear_pointwise(self._weight, x, None, "none", [], "")
-        bias = self._packed[1]
-        return out_t if bias is None else out_t.add_(bias.unsqueeze(1))
+        bias = self.native.bias if self.native is not None else self._packed[1]
+        if bias is None:
+            return out_t
+        return out_t.add_(bias[: self.num_out_features].unsqueeze(1))

@@ -22,6 +22,7 @@ import torch
 from app.engine.network.attention import AttentionMetadata, StepOwners, create_backend
 from app.engine.network.block_table import DeviceBlockTable, extend_slots
 from app.engine.network.compiled_step import StepCache
+from app.engine.network.fused_decode import FusedDecode
 from app.engine.network.host_memory import keep_freed_memory
 from app.engine.network.model import CausalLM
 from app.engine.runtime.scheduler import ScheduledBatch
@@ -46,6 +47,7 @@ class ModelRunner:
         attention_backend: str | None = None,
         step_cache: StepCache | None = None,
         block_generations: Sequence[int] | None = None,
+        fused_decode: bool = True,
     ) -> None:
         self.model = model
         # The KV manager's per-block allocation counts (BlockPool.generations): with them the
@@ -62,8 +64,13 @@ class ModelRunner:
             available = len(os.sched_getaffinity(0))
             if torch.get_num_threads() < available:
                 torch.set_num_threads(available)
-        model.prepack_linears()  # oneDNN on a float32 CPU, one weight per q/k/v, gate/up elsewhere
+        # The CPU library's layout (or oneDNN's) on a float32 CPU; one weight per q/k/v and
+        # gate/up elsewhere.
+        model.prepack_linears()
         self.attn = create_backend(kv_caches, attention_backend)
+        # Steps of decodes through every layer in one C++ call, where that applies (the CPU,
+        # float32, the library built): fused_decode.py. None: every step runs the forward.
+        self.fused = FusedDecode.create(model, kv_caches, self.attn) if fused_decode else None
         self.block_tables = DeviceBlockTable(self.device, self._tensor)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:
@@ -142,6 +149,8 @@ class ModelRunner:
         ):
             hidden = steps.run(ids, positions, meta, self.attn)
         else:
-            hidden = self.model(ids, positions, self.kv_caches, meta, self.attn)
+            hidden = self.fused.run(ids, positions) if self.fused is not None else None
+            if hidden is None:
+                hidden = self.model(ids, positions, self.kv_caches, meta, self.attn)
         self.attn.finish_step()
         return self.model.compute_logits(hidden.index_select(0, prepared.sample_rows))

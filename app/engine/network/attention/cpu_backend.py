@@ -173,6 +173,14 @@ class CPUBackend(AttentionBackend):
                 self._row_index = torch.tensor(offsets, dtype=torch.int64, device=device)
         return True
 
+    def fused_decode_step(self) -> tuple[DecodeRows, StepWrites] | None:
+        """This step for the fused decode layers (kernels/cpu_decode_layers.py), which do the
+        whole step's writes and attention themselves: a step of decodes only through the mirror,
+        with the library writing the pool and attending. None for any other step."""
+        if self._native_rows is None or self._native_index is not None or self._writes is None:
+            return None
+        return self._native_rows, self._writes
+
     def store_kv(
         self,
         key: torch.Tensor,

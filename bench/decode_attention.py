@@ -13,7 +13,8 @@ torch's `sum` over those same bytes in the same run (the memory's pace, the floo
 are checked equal (1e-5).
 
 Part 2, whole steps: one engine on `builtin-bench-random`, four threads with --history cached
-tokens, batch-4 decode steps with the kernel and with torch's products, alternating in blocks.
+tokens, batch-4 decode steps of the eager forward (not the fused layers, bench/fused_decode.py)
+with the kernel and with torch's products, alternating in blocks.
 JSON to bench/out/decode_attention.json.
 """
 
@@ -99,6 +100,7 @@ def whole_steps(history: int, blocks: int, steps_per_block: int) -> dict:
         return LLMEngine.from_loaded(loaded, kv_cache_mb=1024, max_num_seqs=8)
 
     engine = call_in_own_thread(build, name="bench-load")
+    engine.runner.fused = None  # the eager forward both ways: only the attention differs
     backend = engine.runner.attn
     kernel = backend.decode_kernel
     gen = torch.Generator().manual_seed(0)

@@ -8,12 +8,14 @@
 //
 // Each thread takes whole blocks. Within a block, x rows go in tiles of up to 6: 6 rows x 4
 // vectors of sums stay in registers, and the block's weights, read from memory for the first
-// tile, come from L2 for the next (a block is in * 256 bytes: 192 KB at in = 768). Prefill rows
-// go in chunks of 48 so those tiles' inputs stay in cache too.
+// tile, come from L2 for the next (a block is in * 256 bytes: 192 KB at in = 768). Long prefills
+// go in chunks of 240 rows, whose inputs stay in cache while every block passes over them
+// (chunks of 48 measured 5% slower at 72 rows: the weights read twice).
 //
-// Measured against oneDNN's matmul over its own prepacked weights (2 cores of an AMD EPYC with
-// AVX-512, the 48 linears of builtin-bench-random, 330 MB): 1 row 8.96 against 9.64 ms, 4 rows
-// 9.39 against 9.51, 72 rows 28.1 against 29.7, 300 rows 106 against 112.
+// Measured against oneDNN's matmul over its own prepacked weights (bench/fused_decode.py: 2 cores
+// of an AMD EPYC with AVX-512, the 48 linears of builtin-bench-random, 330 MB): 5-8% faster at 1-8
+// rows, where a step reads the weights at the pace of `sum` over as many bytes; 0.98-1.01x at
+// 72-1,000 rows, where both compute.
 
 #include <string.h>
 
@@ -32,7 +34,7 @@ inline vec16 load16(const float* p) {
 }
 
 constexpr int kBlock = 64;       // output features per block
-constexpr int kChunkRows = 48;   // x rows per pass over the weights (a multiple of 6 and of 4)
+constexpr int kChunkRows = 240;  // x rows per pass over the weights (a multiple of 6 and 4)
 constexpr int kAheadFloats = 16 * kBlock;  // prefetch distance: 16 input features, 4 KB
 
 // R rows of x (x_stride apart) times one block [in, 64]: y[r, 0:valid] (+ bias).

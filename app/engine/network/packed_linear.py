@@ -4,7 +4,7 @@ Why: a decode step multiplies a handful of rows (one per sequence) by every weig
 time is the weights read once. On this project's CPUs (AMD EPYC) the BLAS behind `F.linear` runs
 such thin products at half that speed (and prefills at a third of it). A weight copied once into
 a layout made for streaming reads at memory speed: kvthreads' own kernel (kernels/cpu_linear.cpp,
-float32 where the CPU library builds: 1-8% faster than oneDNN at 1-300 rows, measured there), or
+float32 where the CPU library builds: 5-8% faster than oneDNN at 1-8 rows, even from 72), or
 else oneDNN's matmul over a weight reordered into its blocked layout. Packing q/k/v (and
 gate/up) as one matrix also makes one call of three, and gives the fused decode layers
 (kernels/cpu_decode_layers.py) one weight per product.

@@ -16,8 +16,8 @@
 // in cache between the two passes.
 //
 // Built into the CPU library (kernels/cpu_library.py), called through ctypes and by the fused
-// decode layers (cpu_decode_layers.cpp). OpenMP resolves to the libgomp torch has already loaded, so the
-// tasks run on the calling thread's OpenMP team, the one torch's own operators use.
+// decode layers (cpu_decode_layers.cpp). OpenMP resolves to the libgomp torch has already
+// loaded, so the tasks run on the calling thread's OpenMP team, the one torch's own operators use.
 
 #include <math.h>
 #include <stdint.h>

@@ -17,7 +17,8 @@ gate/up) as one matrix also makes one call of three, and gives the fused decode 
     y_t = group.transposed(x)   # a few rows: (x W^T)^T = W x^T, [sum of out_features, rows]
 
 Under `torch.compile` (the compiled decode step, compiled_step.py) the group is called through
-the opaque op `kvthreads::packed_linear` by a handle: inductor cannot lower packed weights itself, and the staleness check (ids, pointers, versions) is done once a step outside the graph.
+the opaque op `kvthreads::packed_linear` by a handle: inductor cannot lower packed weights
+itself, and the staleness check (ids, pointers, versions) is done once a step outside the graph.
 
 `transposed` streams the weight as it is, with the few rows as the small operand (up to SMALL_BATCH
 rows; output feature-major). It measured 5-17% faster per product at 8 rows on an earlier run, but

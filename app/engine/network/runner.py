@@ -47,7 +47,6 @@ class ModelRunner:
         attention_backend: str | None = None,
         step_cache: StepCache | None = None,
         block_generations: Sequence[int] | None = None,
-        fused_decode: bool = True,
     ) -> None:
         self.model = model
         # The KV manager's per-block allocation counts (BlockPool.generations): with them the
@@ -70,7 +69,7 @@ class ModelRunner:
         self.attn = create_backend(kv_caches, attention_backend)
         # Steps of decodes through every layer in one C++ call, where that applies (the CPU,
         # float32, the library built): fused_decode.py. None: every step runs the forward.
-        self.fused = FusedDecode.create(model, kv_caches, self.attn) if fused_decode else None
+        self.fused = FusedDecode.create(model, kv_caches, self.attn)
         self.block_tables = DeviceBlockTable(self.device, self._tensor)
 
     def _tensor(self, values: list[int], dtype: torch.dtype) -> torch.Tensor:

@@ -10,6 +10,8 @@ Stores with kernels/store_kv_ref.py. Attends, per step, by one of three paths, c
         (kernels/cpu_decode_attention.py `store_and_sync`, in forward: store_kv keeps them),
         else store_kv_ref and MirrorStep.sync_layer; then
             decodes (float32): each reads its own row's keys     -> kernels/cpu_decode_attention
+            (a step of decodes only: the runner's fused layers do the writes and attention of
+            every layer in one call instead, network/fused_decode.py, `fused_decode_step`)
             a step of decodes otherwise: one batched product over the rows -> decode_attention
             (unless padding to the longest would read more than twice the real keys)
             a turn's new tokens: per sequence, over its head-major row -> row_attention.py

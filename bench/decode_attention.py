@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from app.engine.network.attention.cpu_backend import decode_attention, decode_key_mask
+from bench.decode_steps import alternate_steps, decoding_engine
 from kernels.cpu_decode_attention import DecodeRows, load_decode_attention
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM = 12, 12, 4, 64
@@ -90,46 +91,27 @@ def attention_alone(batch: int, history: int, repeats: int, gen: torch.Generator
 
 
 def whole_steps(history: int, blocks: int, steps_per_block: int) -> dict:
-    from app.engine.loading.loader import resolve_model
-    from app.engine.runtime.llm_engine import LLMEngine
-    from app.engine.runtime.types import SamplingParams
-    from app.threads.runtime_factory import call_in_own_thread
-
-    def build() -> LLMEngine:
-        loaded = resolve_model("builtin-bench-random", device="cpu", dtype=torch.float32)
-        return LLMEngine.from_loaded(loaded, kv_cache_mb=1024, max_num_seqs=8)
-
-    engine = call_in_own_thread(build, name="bench-load")
+    engine = decoding_engine(4, history, max_steps=2 * blocks * (steps_per_block + 1))
     engine.runner.fused = None  # the eager forward both ways: only the attention differs
     backend = engine.runner.attn
     kernel = backend.decode_kernel
-    gen = torch.Generator().manual_seed(0)
-    max_tokens = 2 * blocks * (steps_per_block + 1) + 8
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(4):
-        prompt = torch.randint(0, 256, (history,), generator=gen).tolist()
-        engine.add_request(f"t{i}", [], prompt, params, first_turn=True)
-    while engine.scheduler.waiting or any(
-        s.num_uncomputed_tokens > 1 for s in engine.scheduler.running
-    ):
-        engine.step()
-    times: dict[str, list[float]] = {"kernel": [], "products": []}
-    for block in range(2 * blocks):
-        way = ("kernel", "products")[block % 2]
-        backend.decode_kernel = kernel if way == "kernel" else None
-        engine.step()  # the first step of a block not timed
-        for _ in range(steps_per_block):
-            start = time.perf_counter()
-            engine.step()
-            times[way].append((time.perf_counter() - start) * 1e3)
-            assert engine.last_num_scheduled == 4
+
+    def use(kernel_or_none):
+        return lambda: setattr(backend, "decode_kernel", kernel_or_none)
+
+    ms = alternate_steps(
+        engine,
+        {"kernel": use(kernel), "products": use(None)},
+        batch=4,
+        blocks=blocks,
+        steps_per_block=steps_per_block,
+    )
     backend.decode_kernel = kernel
-    kernel_ms, products_ms = (statistics.median(times[w]) for w in ("kernel", "products"))
     return {
         "history": history,
-        "kernel_step_ms": kernel_ms,
-        "products_step_ms": products_ms,
-        "ratio": products_ms / kernel_ms,
+        "kernel_step_ms": ms["kernel"],
+        "products_step_ms": ms["products"],
+        "ratio": ms["products"] / ms["kernel"],
     }
 
 

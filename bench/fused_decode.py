@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from bench.decode_steps import alternate_steps, decoding_engine
 from kernels.cpu_library import load_cpu_library
 from kernels.cpu_linear import PackedLinear
 
@@ -89,48 +90,28 @@ def linears(rows_list: list[int], repeats: int) -> list[dict]:
 
 
 def whole_steps(batch: int, history: int, blocks: int, steps_per_block: int) -> dict:
-    from app.engine.loading.loader import resolve_model
-    from app.engine.runtime.llm_engine import LLMEngine
-    from app.engine.runtime.types import SamplingParams
-    from app.threads.runtime_factory import call_in_own_thread
-
-    def build() -> LLMEngine:
-        loaded = resolve_model("builtin-bench-random", device="cpu", dtype=torch.float32)
-        return LLMEngine.from_loaded(loaded, kv_cache_mb=1024, max_num_seqs=8)
-
-    engine = call_in_own_thread(build, name="bench-load")
+    engine = decoding_engine(batch, history, max_steps=2 * blocks * (steps_per_block + 1))
     runner = engine.runner
     fused = runner.fused
     if fused is None:
         raise SystemExit("the fused decode layers do not apply here (see the warning above)")
-    gen = torch.Generator().manual_seed(batch)
-    max_tokens = 2 * blocks * (steps_per_block + 1) + 8
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    for i in range(batch):
-        prompt = torch.randint(0, 256, (history,), generator=gen).tolist()
-        engine.add_request(f"t{i}", [], prompt, params, first_turn=True)
-    while engine.scheduler.waiting or any(
-        s.num_uncomputed_tokens > 1 for s in engine.scheduler.running
-    ):
-        engine.step()
-    times: dict[str, list[float]] = {"fused": [], "eager": []}
-    for block in range(2 * blocks):
-        way = ("fused", "eager")[block % 2]
-        runner.fused = fused if way == "fused" else None
-        engine.step()  # the first step of a block not timed
-        for _ in range(steps_per_block):
-            start = time.perf_counter()
-            engine.step()
-            times[way].append((time.perf_counter() - start) * 1e3)
-            assert engine.last_num_scheduled == batch
+    ms = alternate_steps(
+        engine,
+        {
+            "fused": lambda: setattr(runner, "fused", fused),
+            "eager": lambda: setattr(runner, "fused", None),
+        },
+        batch=batch,
+        blocks=blocks,
+        steps_per_block=steps_per_block,
+    )
     runner.fused = fused
-    fused_ms, eager_ms = (statistics.median(times[w]) for w in ("fused", "eager"))
     return {
         "batch": batch,
         "history": history,
-        "fused_step_ms": fused_ms,
-        "eager_step_ms": eager_ms,
-        "ratio": eager_ms / fused_ms,
+        "fused_step_ms": ms["fused"],
+        "eager_step_ms": ms["eager"],
+        "ratio": ms["eager"] / ms["fused"],
     }
 
 

@@ -215,3 +215,41 @@ def test_builtin_model_matches_transformers_llama(run_paged):
     hf_model.load_state_dict(model.state_dict(), strict=True)
     ids = token_ids(45, config.vocab_size, seed=3)
     assert (run_paged(model, ids) - hf_logits(hf_model, ids)).abs().max().item() <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_engine_decode_steps_match_transformers(checkpoints, name):
+    """The CPU engine's decode steps (the fused decode layers over the thread mirror, where the
+    CPU library builds) give transformers' logits for the same tokens, step by step."""
+    from app.engine.runtime.llm_engine import LLMEngine
+    from app.engine.runtime.types import SamplingParams
+
+    folder, hf_model = checkpoints[name]
+    model, config = load_model(folder, "cpu", torch.float32)
+    engine = LLMEngine(model, num_blocks=32, block_size=4, max_num_seqs=2)
+    fused = engine.runner.fused
+    fused_steps = []
+    if fused is not None:
+        run = fused.run
+
+        def counted(*args):
+            hidden = run(*args)
+            fused_steps.extend([] if hidden is None else [hidden.shape[0]])
+            return hidden
+
+        fused.run = counted
+    rows: list[torch.Tensor] = []
+    engine.on_logits = lambda seqs, logits: rows.extend(logits.clone())
+    prompt = token_ids(min(17, config.max_position_embeddings - 8), config.vocab_size, seed=3)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine.add_request("t", [], prompt, params, first_turn=True)
+    generated: list[int] = []
+    while engine.has_unfinished():
+        for output in engine.step():
+            generated += [e.token_id for e in output.events if hasattr(e, "token_id")]
+    assert len(generated) == 6 and len(rows) == 6
+    expected = hf_logits(hf_model, prompt + generated[:-1])[len(prompt) - 1 :]
+    got = torch.stack(rows)
+    assert (got - expected).abs().max().item() <= TOLERANCE
+    if fused is not None:
+        assert len(fused_steps) == 5  # every decode step went through the fused layers

@@ -7,11 +7,12 @@
 // mirror's writes and attention (cpu_decode_attention.cpp). The same arithmetic as
 // app/engine/network/model.py, which the tests compare it with.
 //
-// Per layer, for B sequences of one new token each:
+// For B sequences of one new token each: x = the tokens' embeddings; per layer
 //     h = rmsnorm(x) * input_norm;  q, k, v = h Wqkv^T (+ b)   [q/k rmsnorm per head: Qwen3]
 //     q, k = rope(q), rope(k)        (rotate-half, the step's cos/sin rows)
 //     k, v -> pool slots; the mirror rows' missing positions copied; attention over the rows
 //     x += attn Wo^T;  h = rmsnorm(x) * post_norm;  x += (silu(h Wg^T) * h Wu^T) Wd^T
+// then out = rmsnorm(x) * final_norm. (The logits stay torch's: the sampled rows only.)
 
 #include <math.h>
 #include <string.h>
@@ -43,10 +44,24 @@ void rope(float* x, const float* cos, const float* sin, int64_t dim) {
 }  // namespace
 
 extern "C" int kvt_decode_layers_f32(const KvtDecodeModel* model, const KvtDecodeLayer* layers,
-                                     const KvtDecodeStep* step, float* x) {
+                                     const KvtDecodeStep* step, float* out) {
     const int64_t hidden = model->hidden, inter = model->intermediate, dim = model->head_dim;
     const int64_t heads = model->num_heads, kv_heads = model->num_kv_heads, batch = step->batch;
     if (!kvt_decode_attention_supports(dim)) return 0;
+    for (int64_t b = 0; b < batch; ++b) {
+        if (step->ids[b] < 0 || step->ids[b] >= model->vocab_size) return -1;
+        if (step->positions[b] < 0 || step->positions[b] >= model->max_positions) return -2;
+    }
+    // The residual stream starts as the tokens' embeddings; each sequence's rope rows.
+    std::vector<float> x(batch * hidden), cos(batch * dim), sin(batch * dim);
+    for (int64_t b = 0; b < batch; ++b) {
+        memcpy(x.data() + b * hidden, model->embed + step->ids[b] * hidden,
+               hidden * sizeof(float));
+        memcpy(cos.data() + b * dim, model->rope_cos + step->positions[b] * dim,
+               dim * sizeof(float));
+        memcpy(sin.data() + b * dim, model->rope_sin + step->positions[b] * dim,
+               dim * sizeof(float));
+    }
     const int64_t qkv_width = (heads + 2 * kv_heads) * dim, q_width = heads * dim;
     const int threads = step->num_threads;
     std::vector<float> h(batch * hidden), qkv(batch * qkv_width), q(batch * q_width),
@@ -55,18 +70,17 @@ extern "C" int kvt_decode_layers_f32(const KvtDecodeModel* model, const KvtDecod
     for (int64_t l = 0; l < model->num_layers; ++l) {
         const KvtDecodeLayer& w = layers[l];
         for (int64_t b = 0; b < batch; ++b)
-            rms_norm(x + b * hidden, w.input_norm, hidden, model->eps, h.data() + b * hidden);
+            rms_norm(x.data() + b * hidden, w.input_norm, hidden, model->eps,
+                     h.data() + b * hidden);
         kvt_linear_f32(h.data(), batch, hidden, w.wqkv, w.bqkv, hidden, qkv_width, qkv.data(),
                        qkv_width, threads);
         for (int64_t b = 0; b < batch; ++b) {
             float* row = qkv.data() + b * qkv_width;
-            const float* cos = step->cos + b * dim;
-            const float* sin = step->sin + b * dim;
             for (int64_t head = 0; head < heads + kv_heads; ++head) {  // q heads, then k heads
                 float* v = row + head * dim;
                 if (w.q_norm != nullptr)
                     rms_norm(v, head < heads ? w.q_norm : w.k_norm, dim, model->eps, v);
-                rope(v, cos, sin, dim);
+                rope(v, cos.data() + b * dim, sin.data() + b * dim, dim);
             }
             memcpy(q.data() + b * q_width, row, q_width * sizeof(float));
         }
@@ -82,7 +96,8 @@ extern "C" int kvt_decode_layers_f32(const KvtDecodeModel* model, const KvtDecod
                        delta.data(), hidden, threads);
         for (int64_t i = 0; i < batch * hidden; ++i) x[i] += delta[i];
         for (int64_t b = 0; b < batch; ++b)
-            rms_norm(x + b * hidden, w.post_norm, hidden, model->eps, h.data() + b * hidden);
+            rms_norm(x.data() + b * hidden, w.post_norm, hidden, model->eps,
+                     h.data() + b * hidden);
         kvt_linear_f32(h.data(), batch, hidden, w.w13, nullptr, hidden, 2 * inter,
                        gate_up.data(), 2 * inter, threads);
         for (int64_t b = 0; b < batch; ++b) {
@@ -95,5 +110,7 @@ extern "C" int kvt_decode_layers_f32(const KvtDecodeModel* model, const KvtDecod
                        hidden, threads);
         for (int64_t i = 0; i < batch * hidden; ++i) x[i] += delta[i];
     }
+    for (int64_t b = 0; b < batch; ++b)
+        rms_norm(x.data() + b * hidden, model->final_norm, hidden, model->eps, out + b * hidden);
     return 1;
 }

@@ -1,16 +1,18 @@
 """A decode step through every layer in one call of the CPU library: kernels/cpu_decode_layers.cpp.
 
-    layers = DecodeLayers(library, shape, [LayerTensors(...), ...])   # once, from the model
-    layers(x, cos, sin, rows, writes, mirror)   # per step: x [B, hidden] embeddings -> the last
-                                                # layer's output, in place
+    layers = DecodeLayers(library, shape, model_tensors, [LayerTensors(...), ...])  # once
+    hidden = layers(ids, positions, rows, writes, mirror)   # per step: [B] new tokens -> the
+                                                            # hidden states after the final norm
 
 The arithmetic is app/engine/network/model.py's (the tests compare the two step by step); the
 step's attention is kernels/cpu_decode_attention.py's, over the thread mirror's rows, with the
 same writes (`DecodeRows`, `StepWrites`, built once a step by the CPU backend). The weights are
 read where the linears keep them packed (kernels/cpu_linear.py), so the call adds no memory.
 
-Everything the C code reads unchecked is checked here: the layers' tensors once, the step's
-tensors and the mirror's shapes each step.
+The call begins with the tokens' embeddings and the rope tables' rows and ends with the final
+norm, so a step makes no torch operation but the output's allocation. Everything the C code
+reads unchecked is checked here: the model's tensors once, the step's tensors and the mirror's
+shapes each step, and token ids and positions in the C code (an error, nothing written).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class _Model(ctypes.Structure):  # KvtDecodeModel in cpu_kernels.h
         *((name, ctypes.c_int64) for name in ("num_kv_heads", "head_dim", "num_layers")),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+        ("vocab_size", ctypes.c_int64),
+        ("max_positions", ctypes.c_int64),
+        *((name, _P) for name in ("embed", "rope_cos", "rope_sin", "final_norm")),
     ]
 
 
@@ -48,7 +53,7 @@ class _Layer(ctypes.Structure):  # KvtDecodeLayer
 class _Step(ctypes.Structure):  # KvtDecodeStep
     _fields_ = [
         ("batch", ctypes.c_int64),
-        *((name, _P) for name in ("cos", "sin", "rows", "lens", "slots")),
+        *((name, _P) for name in ("ids", "positions", "rows", "lens", "slots")),
         *((name, _P) for name in ("copy_rows", "copy_positions", "copy_slots")),
         ("num_copies", ctypes.c_int64),
         ("mirror_k", _P),
@@ -71,6 +76,16 @@ class ModelShape:
 
 
 @dataclass(frozen=True)
+class ModelTensors:
+    """What the step begins and ends with (float32 on the CPU, contiguous)."""
+
+    embed: torch.Tensor  # [vocab, hidden]
+    rope_cos: torch.Tensor  # [max_positions, head_dim], rows by position
+    rope_sin: torch.Tensor
+    final_norm: torch.Tensor  # [hidden]
+
+
+@dataclass(frozen=True)
 class LayerTensors:
     """One layer as the C code reads it (float32 on the CPU, contiguous)."""
 
@@ -89,10 +104,18 @@ class LayerTensors:
 class DecodeLayers:
     """The layers' tensors as the library's structs (built and checked once), and the call."""
 
-    def __init__(self, library: ctypes.CDLL, shape: ModelShape, layers: list[LayerTensors]) -> None:
+    def __init__(
+        self,
+        library: ctypes.CDLL,
+        shape: ModelShape,
+        model: ModelTensors,
+        layers: list[LayerTensors],
+    ) -> None:
         if not layers:
             raise ValueError("no layers")
-        self.shape, self.layers = shape, layers  # the tensors stay alive as long as the structs
+        # The tensors stay alive as long as the structs that point at them.
+        self.shape, self.model, self.layers = shape, model, layers
+        _check_model(model, shape)
         for i, layer in enumerate(layers):
             _check_layer(i, layer, shape)
             if layer.pool_k.shape != layers[0].pool_k.shape:
@@ -107,6 +130,12 @@ class DecodeLayers:
             len(layers),
             shape.eps,
             shape.scale,
+            model.embed.shape[0],
+            model.rope_cos.shape[0],
+            model.embed.data_ptr(),
+            model.rope_cos.data_ptr(),
+            model.rope_sin.data_ptr(),
+            model.final_norm.data_ptr(),
         )
         self._layers = (_Layer * len(layers))(*(_layer_struct(layer) for layer in layers))
         self._mirror_k = (_P * len(layers))()
@@ -117,25 +146,23 @@ class DecodeLayers:
 
     def __call__(
         self,
-        x: torch.Tensor,  # [B, hidden] the step's embeddings; becomes the last layer's output
-        cos: torch.Tensor,  # [B, head_dim] at each sequence's position
-        sin: torch.Tensor,
+        ids: torch.Tensor,  # [B] int64, each sequence's new token
+        positions: torch.Tensor,  # [B] int64, its position
         rows: DecodeRows,
         writes: StepWrites,
         mirror: list[tuple[torch.Tensor, torch.Tensor]],  # per layer [R, Hkv, capacity, D]
     ) -> torch.Tensor:
+        """The step's hidden states after the final norm, [B, hidden] (as CausalLM.forward)."""
         shape = self.shape
-        batch = x.shape[0]
-        for name, tensor, width in (("x", x, shape.hidden), ("cos", cos, shape.head_dim)) + (
-            ("sin", sin, shape.head_dim),
-        ):
+        batch = ids.shape[0]
+        for name, tensor in (("ids", ids), ("positions", positions)):
             if (
-                tensor.dtype != torch.float32
+                tensor.dtype != torch.int64
                 or tensor.device.type != "cpu"
-                or tuple(tensor.shape) != (batch, width)
+                or tuple(tensor.shape) != (batch,)
                 or not tensor.is_contiguous()
             ):
-                raise ValueError(f"{name} must be contiguous float32 [{batch}, {width}]")
+                raise ValueError(f"{name} must be a contiguous int64 [{batch}] on the CPU")
         if rows.num_seqs != batch or writes.slots.numel() != batch:
             raise ValueError(
                 f"{batch} tokens, {rows.num_seqs} sequences, {writes.slots.numel()} slots"
@@ -170,8 +197,8 @@ class DecodeLayers:
             self._mirror_v[i] = values.data_ptr()
         step = _Step(
             batch,
-            cos.data_ptr(),
-            sin.data_ptr(),
+            ids.data_ptr(),
+            positions.data_ptr(),
             ctypes.addressof(rows.rows),
             ctypes.addressof(rows.lens),
             writes.slots.data_ptr(),
@@ -185,9 +212,33 @@ class DecodeLayers:
             strides[1],
             torch.get_num_threads(),
         )
-        if not self._run(ctypes.byref(self._model), self._layers, ctypes.byref(step), x.data_ptr()):
-            raise ValueError(f"decode attention is not built for head_dim {shape.head_dim}")
-        return x
+        out = torch.empty(batch, shape.hidden)
+        ran = self._run(ctypes.byref(self._model), self._layers, ctypes.byref(step), out.data_ptr())
+        if ran == 1:
+            return out
+        if ran == -1:
+            raise ValueError(f"a token id past the vocabulary of {self.model.embed.shape[0]}")
+        if ran == -2:
+            raise ValueError(f"a position past the rope tables' {self.model.rope_cos.shape[0]}")
+        raise ValueError(f"decode attention is not built for head_dim {shape.head_dim}")
+
+
+def _check_model(model: ModelTensors, shape: ModelShape) -> None:
+    tensors = (
+        ("embed", model.embed, (model.embed.shape[0], shape.hidden)),
+        ("rope_cos", model.rope_cos, (model.rope_cos.shape[0], shape.head_dim)),
+        ("rope_sin", model.rope_sin, tuple(model.rope_cos.shape)),
+        ("final_norm", model.final_norm, (shape.hidden,)),
+    )
+    for name, tensor, want in tensors:
+        if (
+            tensor.dtype != torch.float32
+            or tensor.device.type != "cpu"
+            or tensor.dim() != len(want)
+            or tuple(tensor.shape) != want
+            or not tensor.is_contiguous()
+        ):
+            raise ValueError(f"{name} must be contiguous float32 {list(want)} on the CPU")
 
 
 def _check_layer(index: int, layer: LayerTensors, shape: ModelShape) -> None:

@@ -14,6 +14,11 @@ extern "C" {
 struct KvtDecodeModel {
     int64_t hidden, intermediate, num_heads, num_kv_heads, head_dim, num_layers;
     float eps, scale;
+    int64_t vocab_size, max_positions;
+    const float* embed;       // [vocab_size, hidden]
+    const float* rope_cos;    // [max_positions, head_dim]
+    const float* rope_sin;
+    const float* final_norm;  // [hidden]
 };
 
 struct KvtDecodeLayer {  // one layer's weights and pool, fixed from load on
@@ -32,8 +37,8 @@ struct KvtDecodeLayer {  // one layer's weights and pool, fixed from load on
 
 struct KvtDecodeStep {  // one step of `batch` decodes through the thread mirror
     int64_t batch;
-    const float* cos;  // [batch, head_dim] at each sequence's position
-    const float* sin;
+    const int64_t* ids;        // [batch] each sequence's new token ...
+    const int64_t* positions;  // ... and its position
     const int64_t* rows;  // [batch] each sequence's mirror row ...
     const int64_t* lens;  // ... and its keys, the new one included
     const int64_t* slots;  // [batch] the new token's pool slot
@@ -47,10 +52,11 @@ struct KvtDecodeStep {  // one step of `batch` decodes through the thread mirror
     int num_threads;
 };
 
-// x [batch, hidden], the step's embeddings, becomes the last layer's output (before the final
-// norm). 0 where decode attention is not built for the head size (nothing written).
+// Writes the step's hidden states after the final norm into out [batch, hidden]. Returns 1; 0
+// where decode attention is not built for the head size, -1 for a token id past the vocabulary,
+// -2 for a position past the rope tables (nothing written in those cases).
 int kvt_decode_layers_f32(const KvtDecodeModel* model, const KvtDecodeLayer* layers,
-                          const KvtDecodeStep* step, float* x);
+                          const KvtDecodeStep* step, float* out);
 
 // y[r, o] = x[r, :] . W[o, :] (+ bias[o]) for W packed by kernels/cpu_linear.py: [out/64, in,
 // 64], the out rows padded to a multiple of 64 with zeros. x rows x_stride apart, contiguous in

@@ -104,25 +104,47 @@ def test_the_step_is_checked_before_the_c_code_reads_it():
     num_slots = 64 * 4
     one = torch.tensor([0])
     writes = StepWrites(one, one, one, one, num_slots=num_slots, num_rows=2, capacity=8)
-    x, cos, sin = torch.zeros(1, 64), torch.zeros(1, 16), torch.zeros(1, 16)
+    ids, positions = torch.tensor([5]), torch.tensor([0])
     rows = DecodeRows([0], [1])
-    with pytest.raises(ValueError, match="x must be"):
-        layers(torch.zeros(1, 32), cos, sin, rows, writes, mirror)
-    with pytest.raises(ValueError, match="cos must be"):
-        layers(x, torch.zeros(2, 16), sin, rows, writes, mirror)
+    with pytest.raises(ValueError, match="ids must be"):
+        layers(torch.tensor([5], dtype=torch.int32), positions, rows, writes, mirror)
+    with pytest.raises(ValueError, match="positions must be"):
+        layers(ids, torch.tensor([0, 1]), rows, writes, mirror)
+    with pytest.raises(ValueError, match="past the vocabulary of 101"):
+        layers(torch.tensor([101]), positions, rows, writes, mirror)
+    with pytest.raises(ValueError, match="past the rope tables' 512"):
+        layers(ids, torch.tensor([512]), rows, writes, mirror)
     with pytest.raises(ValueError, match="2 sequences"):
-        layers(x, cos, sin, DecodeRows([0, 1], [1, 1]), writes, mirror)
+        layers(ids, positions, DecodeRows([0, 1], [1, 1]), writes, mirror)
     with pytest.raises(ValueError, match="9 keys past"):
-        layers(x, cos, sin, DecodeRows([0], [9]), writes, mirror)
+        layers(ids, positions, DecodeRows([0], [9]), writes, mirror)
     small = StepWrites(one, one, one, one, num_slots=8, num_rows=2, capacity=8)
     with pytest.raises(ValueError, match="the pool has 256"):
-        layers(x, cos, sin, rows, small, mirror)
+        layers(ids, positions, rows, small, mirror)
     with pytest.raises(ValueError, match="1 mirror layers"):
-        layers(x, cos, sin, rows, writes, mirror[:1])
+        layers(ids, positions, rows, writes, mirror[:1])
     odd = [mirror[0], (torch.zeros(2, 2, 8, 16), torch.zeros(2, 2, 9, 16)[:, :, :8])]
     with pytest.raises(ValueError, match="mirror layer 1"):
-        layers(x, cos, sin, rows, writes, odd)
+        layers(ids, positions, rows, writes, odd)
     wide = torch.zeros(2, 2, 8, 32)[..., :16]
     with pytest.raises(ValueError, match="contiguous"):
-        layers(x, cos, sin, rows, writes, [(wide, wide), (wide, wide)])
-    layers(x, cos, sin, rows, writes, mirror)  # the same call, well formed, runs
+        layers(ids, positions, rows, writes, [(wide, wide), (wide, wide)])
+    assert mirror[0][0].abs().sum() == 0  # nothing written by a refused call
+    hidden = layers(ids, positions, rows, writes, mirror)  # the same call, well formed, runs
+    assert hidden.shape == (1, 64) and hidden.isfinite().all()
+    assert mirror[0][0][0, :, 0].abs().sum() > 0  # the new key, in row 0 at position 0
+
+
+def test_replaced_rope_tables_or_embeddings_send_steps_the_eager_way():
+    model = random_model()
+    engine = engine_for(model, fused=True)
+    fused = engine.runner.fused
+    built = fused._current_layers()
+    assert built is not None
+    model.init_rope("cpu", torch.float32)  # new tables: the structs' pointers are stale
+    rebuilt = fused._current_layers()
+    assert rebuilt is not None and rebuilt is not built  # rebuilt over the new tables
+    assert rebuilt.model.rope_cos is model.rope_cos
+    with torch.no_grad():
+        model.model.embed_tokens.weight.add_(0.0)  # an in-place write bumps the version
+    assert fused._current_layers() is not rebuilt

@@ -9,7 +9,9 @@ of a ~10 ms step at one sequence.
 It applies to a float32 model on the CPU whose linears the library packed (packed_linear.py),
 under the CPU backend with its decode kernel and its pool writes (attention/cpu_backend.py), and
 runs a step of decodes only through the thread mirror: the backend's `fused_decode_step` says.
-Embeddings, the rope tables' rows, the final norm and the logits stay torch's.
+The call also gathers the embeddings and rope rows and applies the final norm (after a call that
+streamed the weights through every cache, each torch operation around it measured 4-10x its
+warm cost: those three took ~0.3 ms of a 9 ms step). The logits stay torch's.
 
 The C code reads the weights by pointer, so a step runs fused only while every weight is the
 tensor, storage and version the structs were built from (as packed_linear.py serves a packed
@@ -24,7 +26,7 @@ import torch
 from app.engine.network.attention import AttentionBackend
 from app.engine.network.attention.cpu_backend import CPUBackend
 from app.engine.network.model import CausalLM
-from kernels.cpu_decode_layers import DecodeLayers, LayerTensors, ModelShape
+from kernels.cpu_decode_layers import DecodeLayers, LayerTensors, ModelShape, ModelTensors
 from kernels.cpu_library import load_cpu_library
 
 
@@ -36,16 +38,21 @@ class FusedDecode:
         attn: CPUBackend,
     ) -> None:
         self.model, self.kv_caches, self.attn = model, kv_caches, attn
-        self._norms = [
-            (module._parameters, "weight")
-            for layer in model.model.layers
-            for module in (
-                layer.input_layernorm,
-                layer.post_attention_layernorm,
-                layer.self_attn.q_norm,
-                layer.self_attn.k_norm,
-            )
-            if module is not None
+        # Where each tensor the structs point at is held (module dicts, read each step: a
+        # replaced parameter or buffer shows there), and the linears' groups.
+        backbone = model.model
+        holders = [(backbone.embed_tokens, "weight"), (backbone.norm, "weight")]
+        holders += [(model, "rope_cos"), (model, "rope_sin")]
+        for layer in backbone.layers:
+            holders += [
+                (layer.input_layernorm, "weight"),
+                (layer.post_attention_layernorm, "weight"),
+            ]
+            if layer.self_attn.q_norm is not None:
+                holders += [(layer.self_attn.q_norm, "weight"), (layer.self_attn.k_norm, "weight")]
+        self._holders = [
+            (module._parameters if name in module._parameters else module._buffers, name)
+            for module, name in holders
         ]
         self._groups = [g for g in model.linear_groups() if g is not model.head]
         self._layers: DecodeLayers | None = None
@@ -76,19 +83,16 @@ class FusedDecode:
         if layers is None:
             return None
         rows, writes = step
-        backbone = self.model.model
-        x = backbone.embed_tokens(input_ids)
-        cos = self.model.rope_cos[positions]
-        sin = self.model.rope_sin[positions]
         mirror = [self.attn.mirror.layer(i) for i in range(len(self.kv_caches))]
-        return backbone.norm(layers(x, cos, sin, rows, writes, mirror))
+        return layers(input_ids, positions, rows, writes, mirror)
 
     def _fingerprint(self) -> list[object]:
-        """What changes when a weight is replaced, moved or rewritten: the norms' weights and
-        the linears' packed copies (each group checks its own sources)."""
-        norms = [params[name] for params, name in self._norms]
+        """What changes when a tensor the structs point at is replaced, moved or rewritten: the
+        embeddings, rope tables and norms, and the linears' packed copies (each group checks
+        its own sources)."""
+        tensors = [holder[name] for holder, name in self._holders]
         return [
-            *((id(t), t.data_ptr(), t._version) for t in norms),
+            *((id(t), t.data_ptr(), t._version) for t in tensors),
             *(id(group.native) if group.is_packed else None for group in self._groups),
         ]
 
@@ -117,6 +121,13 @@ class FusedDecode:
             eps=first.input_layernorm.eps,
             scale=first.self_attn.scale,
         )
+        backbone = model.model
+        ends = ModelTensors(
+            embed=backbone.embed_tokens.weight.detach(),
+            rope_cos=model.rope_cos,
+            rope_sin=model.rope_sin,
+            final_norm=backbone.norm.weight.detach(),
+        )
         tensors = []
         for layer, (pool_k, pool_v) in zip(model.model.layers, self.kv_caches, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
@@ -135,4 +146,4 @@ class FusedDecode:
                     pool_v=pool_v,
                 )
             )
-        return DecodeLayers(load_cpu_library(), shape, tensors)
+        return DecodeLayers(load_cpu_library(), shape, ends, tensors)

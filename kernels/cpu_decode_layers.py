@@ -154,7 +154,7 @@ class DecodeLayers:
     ) -> torch.Tensor:
         """The step's hidden states after the final norm, [B, hidden] (as CausalLM.forward)."""
         shape = self.shape
-        batch = ids.shape[0]
+        batch = ids.shape[0] if ids.dim() == 1 else -1
         for name, tensor in (("ids", ids), ("positions", positions)):
             if (
                 tensor.dtype != torch.int64
@@ -162,7 +162,7 @@ class DecodeLayers:
                 or tuple(tensor.shape) != (batch,)
                 or not tensor.is_contiguous()
             ):
-                raise ValueError(f"{name} must be a contiguous int64 [{batch}] on the CPU")
+                raise ValueError(f"{name} must be contiguous int64 [B] on the CPU, ids' length")
         if rows.num_seqs != batch or writes.slots.numel() != batch:
             raise ValueError(
                 f"{batch} tokens, {rows.num_seqs} sequences, {writes.slots.numel()} slots"
@@ -186,11 +186,13 @@ class DecodeLayers:
             for tensor in (keys, values):
                 if (
                     tensor.dtype != torch.float32
+                    or tensor.device.type != "cpu"
                     or tuple(tensor.shape) != want
                     or tensor.stride() != strides
                 ):
                     raise ValueError(
-                        f"mirror layer {i} must be float32 {want} with strides {strides}, got "
+                        f"mirror layer {i} must be float32 {want} on the CPU with strides "
+                        f"{strides}, got "
                         f"{tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}"
                     )
             self._mirror_k[i] = keys.data_ptr()

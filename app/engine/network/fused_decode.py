@@ -38,18 +38,24 @@ class FusedDecode:
         attn: CPUBackend,
     ) -> None:
         self.model, self.kv_caches, self.attn = model, kv_caches, attn
-        # Where each tensor the structs point at is held (module dicts, read each step: a
-        # replaced parameter or buffer shows there), and the linears' groups.
+        # Where each tensor the structs are built from is held (module dicts, read each step: a
+        # replaced parameter or buffer shows there): the linears' weights and biases (the
+        # structs keep the packed copies made from them), norms, embeddings, rope tables.
         backbone = model.model
         holders = [(backbone.embed_tokens, "weight"), (backbone.norm, "weight")]
         holders += [(model, "rope_cos"), (model, "rope_sin")]
         for layer in backbone.layers:
+            attention, mlp = layer.self_attn, layer.mlp
             holders += [
                 (layer.input_layernorm, "weight"),
                 (layer.post_attention_layernorm, "weight"),
             ]
-            if layer.self_attn.q_norm is not None:
-                holders += [(layer.self_attn.q_norm, "weight"), (layer.self_attn.k_norm, "weight")]
+            if attention.q_norm is not None:
+                holders += [(attention.q_norm, "weight"), (attention.k_norm, "weight")]
+            for group in (attention.wqkv, attention.wo, mlp.w13, mlp.w2):
+                holders += [
+                    (linear, name) for linear in group.linears for name in ("weight", "bias")
+                ]
         self._holders = [
             (module._parameters if name in module._parameters else module._buffers, name)
             for module, name in holders
@@ -86,15 +92,13 @@ class FusedDecode:
         mirror = [self.attn.mirror.layer(i) for i in range(len(self.kv_caches))]
         return layers(input_ids, positions, rows, writes, mirror)
 
-    def _fingerprint(self) -> list[object]:
-        """What changes when a tensor the structs point at is replaced, moved or rewritten: the
-        embeddings, rope tables and norms, and the linears' packed copies (each group checks
-        its own sources)."""
+    def _fingerprint(self) -> list[tuple[int, int, int] | None]:
+        """What changes when a tensor the structs were built from is replaced, moved or
+        rewritten. Unchanged since the build, the packed copies the structs keep are still the
+        linears' weights, whatever the groups have done since (one flat pass: ~3x cheaper than
+        asking each group)."""
         tensors = [holder[name] for holder, name in self._holders]
-        return [
-            *((id(t), t.data_ptr(), t._version) for t in tensors),
-            *(id(group.native) if group.is_packed else None for group in self._groups),
-        ]
+        return [None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors]
 
     def _current_layers(self) -> DecodeLayers | None:
         """The structs for the weights as they are now (rebuilt after a repack); None while
@@ -104,7 +108,7 @@ class FusedDecode:
             return self._layers
         self._layers = None
         if not all(group.is_packed and group.native is not None for group in self._groups):
-            return None
+            return None  # a stale packed copy: the eager forward uses the plain linears
         self._layers = self._build()
         self._built_from = fingerprint
         return self._layers

@@ -54,6 +54,7 @@ class Settings:
     share_across_accounts: bool = False  # share KV blocks of a common prefix between accounts
     compile: bool = False  # compile the decode step (torch.compile); cache under DATA_DIR/inductor
     cuda_graphs: bool = True  # on a GPU: replay the decode step as CUDA graphs (no effect on a CPU)
+    cpu_kernels: bool = True  # the C++ CPU library (kernels/cpu_library.py); off: torch/oneDNN
     max_message_bytes: int = 32768  # largest user message (UTF-8 bytes); larger -> 413
     default_max_tokens: int = 256  # max_tokens of a turn that does not say
     # Bounds on every wait for the database; past them a request answers 503.
@@ -274,6 +275,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "KVTHREADS_SHARE_ACROSS_ACCOUNTS": ("share_across_accounts", _on_off),
     "KVTHREADS_COMPILE": ("compile", _on_off),
     "KVTHREADS_CUDA_GRAPHS": ("cuda_graphs", _on_off),
+    "KVTHREADS_CPU_KERNELS": ("cpu_kernels", _on_off),
     "KVTHREADS_MAX_MESSAGE_BYTES": ("max_message_bytes", _int(1)),
     "KVTHREADS_DEFAULT_MAX_TOKENS": ("default_max_tokens", _int(1)),
     "KVTHREADS_DB_CONNECT_TIMEOUT_S": ("db_connect_timeout_s", _seconds(0.1, 600)),

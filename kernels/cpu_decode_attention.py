@@ -239,8 +239,12 @@ def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: Deco
         )
 
 
-@functools.cache
 def load_decode_attention() -> DecodeAttentionKernel | None:
-    """The kernel, from the CPU library; None where that could not be built."""
+    """The kernel, from the CPU library; None where that could not be built or is off."""
     library = load_cpu_library()
-    return None if library is None else DecodeAttentionKernel(library)
+    return None if library is None else _kernel(library)
+
+
+@functools.cache
+def _kernel(library: ctypes.CDLL) -> DecodeAttentionKernel:
+    return DecodeAttentionKernel(library)

@@ -2,6 +2,8 @@
 first use and loaded through ctypes.
 
     library = load_cpu_library()   # ctypes.CDLL, or None where no compiler built it
+    set_enabled(False)             # the process's switch (KVTHREADS_CPU_KERNELS=off): None from
+                                   # then on, for engines built after it
 
 The sources (SOURCES, with cpu_kernels.h, which declares what they call of each other's):
     cpu_linear.cpp            linears over weights packed for streaming (cpu_linear.py)
@@ -50,9 +52,25 @@ FLAGS = (
 BUILD_TIMEOUT_S = 180
 
 
-@functools.cache
+_enabled = True
+
+
+def set_enabled(enabled: bool) -> None:
+    """Whether load_cpu_library gives the library in this process (on by default). Off, every
+    user takes its torch or oneDNN path: an operator's way out should the native code ever be
+    suspected. Engines built before keep what they loaded."""
+    global _enabled
+    _enabled = enabled
+
+
 def load_cpu_library() -> ctypes.CDLL | None:
-    """The library, built if this CPU and compiler have no build yet; None where it cannot be."""
+    """The library, built if this CPU and compiler have no build yet; None where it cannot be
+    or is switched off."""
+    return _loaded_library() if _enabled else None
+
+
+@functools.cache
+def _loaded_library() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL(str(built_library()))
     except (OSError, subprocess.SubprocessError, RuntimeError) as exc:

@@ -88,7 +88,9 @@ def build_runtime(settings: Settings) -> ModelRuntime:
     from app.engine.loading.loader import resolve_model
     from app.engine.network.kv_pool import plan_for_model
     from app.engine.runtime.async_engine import AsyncLLMEngine
+    from kernels.cpu_library import set_enabled as use_cpu_kernels
 
+    use_cpu_kernels(settings.cpu_kernels)  # read when the engine is built (packing, backend)
     if settings.compile:  # compiled decode steps persist between runs (not a setting of ours)
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(settings.data_dir / "inductor"))
     dtype = None if settings.dtype == "auto" else getattr(torch, settings.dtype)

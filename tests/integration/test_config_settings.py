@@ -22,6 +22,7 @@ def test_defaults_from_an_empty_environment() -> None:
     assert (settings.max_batch_tokens, settings.max_num_seqs) == (None, 32)
     assert settings.gpu_memory_utilization == 0.9
     assert settings.residency is True
+    assert settings.cpu_kernels is True
     assert (settings.max_message_bytes, settings.default_max_tokens) == (32768, 256)
     assert (settings.host, settings.port) == ("127.0.0.1", 8000)
     assert settings.prices is None
@@ -119,6 +120,7 @@ def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
             "KVTHREADS_DEVICE": "CPU",
             "KVTHREADS_KV_CACHE_MB": "1_024",
             "KVTHREADS_RESIDENCY": "off",
+            "KVTHREADS_CPU_KERNELS": "off",
             "KVTHREADS_PORT": "9001",
             "KVTHREADS_PRICES": str(prices),
             "KVTHREADS_SECRET": "s" * 20,
@@ -136,6 +138,7 @@ def test_values_are_parsed_and_typed(tmp_path: Path) -> None:
     assert settings.device == "cpu"
     assert settings.kv_cache_mb == 1024
     assert settings.residency is False
+    assert settings.cpu_kernels is False
     assert settings.port == 9001
     assert settings.prices == prices
     assert settings.secret == "s" * 20

@@ -128,13 +128,7 @@ class DecodeAttentionKernel:
         if pool_v.shape != pool_k.shape or pool_k.shape[0] * pool_k.shape[1] != writes.num_slots:
             raise ValueError(f"pools {tuple(pool_k.shape)} do not fit the step's slots")
         mirror_shape = (writes.num_rows, num_kv_heads, writes.capacity, head_dim)
-        for name, tensor in (("mirror_k", mirror_k), ("mirror_v", mirror_v)):
-            if tensor.dtype != torch.float32 or tuple(tensor.shape) != mirror_shape:
-                raise ValueError(
-                    f"{name} must be float32 {mirror_shape}, got {tuple(tensor.shape)}"
-                )
-        if mirror_v.stride() != mirror_k.stride() or mirror_k.stride()[2:] != (head_dim, 1):
-            raise ValueError(f"mirror strides {mirror_k.stride()} / {mirror_v.stride()}")
+        check_mirror_layer(mirror_k, mirror_v, mirror_shape)
         num_tokens, key_stride, value_stride = 0, 0, 0
         if key is not None and value is not None:
             for name, tensor in (("key", key), ("value", value)):
@@ -208,6 +202,32 @@ class DecodeAttentionKernel:
                 f"the kernel is not built for head_dim {head_dim} (ask `supports` first)"
             )
         return out
+
+
+def check_mirror_layer(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    shape: tuple[int, int, int, int],
+    names: tuple[str, str] = ("mirror_k", "mirror_v"),
+) -> None:
+    """What the library's writes (store_and_sync, the fused layers) trust of one layer of the
+    mirror, which they address by its row and head strides: float32 on the CPU, `shape` [R, Hkv,
+    capacity, D], keys and values strided alike, each head's positions contiguous."""
+    for name, tensor in zip(names, (keys, values), strict=True):
+        if (
+            tensor.dtype != torch.float32
+            or tensor.device.type != "cpu"
+            or tuple(tensor.shape) != shape
+        ):
+            raise ValueError(
+                f"{name} must be float32 {shape} on the CPU, got {tensor.dtype} "
+                f"{tuple(tensor.shape)} on {tensor.device}"
+            )
+    if values.stride() != keys.stride() or keys.stride()[2:] != (shape[3], 1):
+        raise ValueError(
+            f"{names[0]} / {names[1]} strides {keys.stride()} / {values.stride()}: must be alike, "
+            f"each head's positions contiguous"
+        )
 
 
 def _check(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: DecodeRows) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu_decode_attention import DecodeRows, StepWrites
+from kernels.cpu_decode_attention import DecodeRows, StepWrites, check_mirror_layer
 from kernels.cpu_linear import PackedLinear
 
 _P = ctypes.c_void_p
@@ -180,21 +180,11 @@ class DecodeLayers:
             raise ValueError(f"{len(mirror)} mirror layers for {len(self.layers)} layers")
         want = (writes.num_rows, shape.num_kv_heads, writes.capacity, shape.head_dim)
         strides = mirror[0][0].stride()
-        if strides[2:] != (shape.head_dim, 1):
-            raise ValueError(f"mirror strides {strides}: each head's positions must be contiguous")
         for i, (keys, values) in enumerate(mirror):
-            for tensor in (keys, values):
-                if (
-                    tensor.dtype != torch.float32
-                    or tensor.device.type != "cpu"
-                    or tuple(tensor.shape) != want
-                    or tensor.stride() != strides
-                ):
-                    raise ValueError(
-                        f"mirror layer {i} must be float32 {want} on the CPU with strides "
-                        f"{strides}, got "
-                        f"{tensor.dtype} {tuple(tensor.shape)} {tensor.stride()}"
-                    )
+            names = (f"mirror layer {i} keys", f"mirror layer {i} values")
+            check_mirror_layer(keys, values, want, names)
+            if keys.stride() != strides:  # the C code takes one row and head stride for all
+                raise ValueError(f"mirror layer {i} strides {keys.stride()}, layer 0's {strides}")
             self._mirror_k[i] = keys.data_ptr()
             self._mirror_v[i] = values.data_ptr()
         step = _Step(

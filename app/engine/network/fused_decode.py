@@ -26,6 +26,7 @@ import torch
 from app.engine.network.attention import AttentionBackend
 from app.engine.network.attention.cpu_backend import CPUBackend
 from app.engine.network.model import CausalLM
+from app.engine.network.packed_linear import weights_fingerprint
 from kernels.cpu_decode_layers import DecodeLayers, LayerTensors, ModelShape, ModelTensors
 from kernels.cpu_library import load_cpu_library
 
@@ -97,8 +98,7 @@ class FusedDecode:
         rewritten. Unchanged since the build, the packed copies the structs keep are still the
         linears' weights, whatever the groups have done since (one flat pass: ~3x cheaper than
         asking each group)."""
-        tensors = [holder[name] for holder, name in self._holders]
-        return [None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors]
+        return weights_fingerprint(holder[name] for holder, name in self._holders)
 
     def _current_layers(self) -> DecodeLayers | None:
         """The structs for the weights as they are now (rebuilt after a repack); None while
@@ -115,7 +115,8 @@ class FusedDecode:
 
     def _build(self) -> DecodeLayers:
         model, config = self.model, self.model.config
-        first = model.model.layers[0]
+        backbone = model.model
+        first = backbone.layers[0]
         shape = ModelShape(
             hidden=config.hidden_size,
             intermediate=config.intermediate_size,
@@ -125,7 +126,6 @@ class FusedDecode:
             eps=first.input_layernorm.eps,
             scale=first.self_attn.scale,
         )
-        backbone = model.model
         ends = ModelTensors(
             embed=backbone.embed_tokens.weight.detach(),
             rope_cos=model.rope_cos,
@@ -133,7 +133,7 @@ class FusedDecode:
             final_norm=backbone.norm.weight.detach(),
         )
         tensors = []
-        for layer, (pool_k, pool_v) in zip(model.model.layers, self.kv_caches, strict=True):
+        for layer, (pool_k, pool_v) in zip(backbone.layers, self.kv_caches, strict=True):
             attention, mlp = layer.self_attn, layer.mlp
             q_norm, k_norm = attention.q_norm, attention.k_norm
             tensors.append(

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 import weakref
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -75,9 +76,12 @@ def _sources(linears: tuple[nn.Linear, ...]) -> list[torch.Tensor]:
     return [t for p in params for t in (p["weight"], p["bias"]) if t is not None]
 
 
-def _fingerprint(tensors: list[torch.Tensor]) -> list[tuple[int, int, int]]:
-    """What changes when a weight is replaced, moved or written in place."""
-    return [(id(t), t.data_ptr(), t._version) for t in tensors]
+def weights_fingerprint(
+    tensors: Iterable[torch.Tensor | None],
+) -> list[tuple[int, int, int] | None]:
+    """What changes when a weight is replaced, moved or written in place (None stays None: a
+    bias that appears or goes shows too)."""
+    return [None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors]
 
 
 _GROUPS: weakref.WeakValueDictionary[int, LinearGroup] = weakref.WeakValueDictionary()
@@ -115,12 +119,12 @@ class LinearGroup:
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # plain weight, bias
         # The sources' fingerprint when packed or fused (one of the two at a time).
-        self._packed_from: list[tuple[int, int, int]] = []
+        self._packed_from: list[tuple[int, int, int] | None] = []
 
     @property
     def is_packed(self) -> bool:
         """Packed, and every source weight and bias unchanged since."""
-        return self._has_packed and _fingerprint(_sources(self.linears)) == self._packed_from
+        return self._has_packed and weights_fingerprint(_sources(self.linears)) == self._packed_from
 
     @property
     def _has_packed(self) -> bool:
@@ -129,7 +133,10 @@ class LinearGroup:
     @property
     def is_fused(self) -> bool:
         """Fused into one plain concatenated weight, and every source unchanged since."""
-        return self._fused is not None and _fingerprint(_sources(self.linears)) == self._packed_from
+        return (
+            self._fused is not None
+            and weights_fingerprint(_sources(self.linears)) == self._packed_from
+        )
 
     @property
     def is_stale(self) -> bool:
@@ -137,7 +144,7 @@ class LinearGroup:
         until packed again)."""
         if not self._has_packed and self._fused is None:
             return False
-        return _fingerprint(_sources(self.linears)) != self._packed_from
+        return weights_fingerprint(_sources(self.linears)) != self._packed_from
 
     def pack(self, *, native: bool = True) -> bool:
         """Prepack the group's weights (and biases) as one matrix: in the CPU library's layout
@@ -159,7 +166,7 @@ class LinearGroup:
             with torch.inference_mode(False), torch.no_grad():
                 self._packed = (torch.ops.mkldnn._reorder_linear_weight(weight, None), bias)
         self._weight = weight
-        self._packed_from = _fingerprint(_sources(self.linears))
+        self._packed_from = weights_fingerprint(_sources(self.linears))
         return True
 
     def fuse(self) -> bool:
@@ -171,7 +178,7 @@ class LinearGroup:
         if len(self.linears) == 1:
             return False
         self._fused = self._concatenate()
-        self._packed_from = _fingerprint(_sources(self.linears))
+        self._packed_from = weights_fingerprint(_sources(self.linears))
         return True
 
     def unpack(self) -> None:

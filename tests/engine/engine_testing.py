@@ -110,3 +110,19 @@ def count_replays(steps) -> list[tuple[int, int, int]]:
 
     steps.run = run
     return replays
+
+
+def count_fused(engine: LLMEngine) -> list[int]:
+    """The batch size of every step the runner's fused decode layers (network/fused_decode.py)
+    ran, appended as they run."""
+    fused, runs = engine.runner.fused, []
+    original = fused.run
+
+    def run(ids, positions):
+        hidden = original(ids, positions)
+        if hidden is not None:
+            runs.append(ids.shape[0])
+        return hidden
+
+    fused.run = run
+    return runs

@@ -12,8 +12,8 @@ import torch
 from app.engine.runtime.llm_engine import LLMEngine
 from kernels.cpu_decode_attention import DecodeRows, StepWrites
 from kernels.cpu_library import load_cpu_library
+from tests.engine.engine_testing import count_fused, random_model, tiny_config
 from tests.engine.engine_testing import play_changing_batches as play
-from tests.engine.engine_testing import random_model, tiny_config
 
 pytestmark = pytest.mark.skipif(load_cpu_library() is None, reason="the CPU library did not build")
 
@@ -23,21 +23,6 @@ def engine_for(model, *, fused: bool) -> LLMEngine:
     if not fused:
         engine.runner.fused = None
     return engine
-
-
-def count_fused(engine: LLMEngine) -> list[int]:
-    """The batch size of every step the fused layers ran, appended as they run."""
-    fused, runs = engine.runner.fused, []
-    original = fused.run
-
-    def run(ids, positions):
-        hidden = original(ids, positions)
-        if hidden is not None:
-            runs.append(ids.shape[0])
-        return hidden
-
-    fused.run = run
-    return runs
 
 
 @pytest.mark.parametrize(

@@ -223,21 +223,12 @@ def test_engine_decode_steps_match_transformers(checkpoints, name):
     CPU library builds) give transformers' logits for the same tokens, step by step."""
     from app.engine.runtime.llm_engine import LLMEngine
     from app.engine.runtime.types import SamplingParams
+    from tests.engine.engine_testing import count_fused
 
     folder, hf_model = checkpoints[name]
     model, config = load_model(folder, "cpu", torch.float32)
     engine = LLMEngine(model, num_blocks=32, block_size=4, max_num_seqs=2)
-    fused = engine.runner.fused
-    fused_steps = []
-    if fused is not None:
-        run = fused.run
-
-        def counted(*args):
-            hidden = run(*args)
-            fused_steps.extend([] if hidden is None else [hidden.shape[0]])
-            return hidden
-
-        fused.run = counted
+    fused_steps = count_fused(engine) if engine.runner.fused is not None else None
     rows: list[torch.Tensor] = []
     engine.on_logits = lambda seqs, logits: rows.extend(logits.clone())
     prompt = token_ids(min(17, config.max_position_embeddings - 8), config.vocab_size, seed=3)
@@ -251,5 +242,5 @@ def test_engine_decode_steps_match_transformers(checkpoints, name):
     expected = hf_logits(hf_model, prompt + generated[:-1])[len(prompt) - 1 :]
     got = torch.stack(rows)
     assert (got - expected).abs().max().item() <= TOLERANCE
-    if fused is not None:
+    if fused_steps is not None:
         assert len(fused_steps) == 5  # every decode step went through the fused layers
